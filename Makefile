@@ -1,0 +1,57 @@
+# Every target sets up .venv itself, so `make demo` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NVCC ?= nvcc
+CUDA_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+CSRC := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/include/tokenbounds/*.h)
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: all venv build test test-all demo bench check-cuda lint clean
+
+all: test
+
+# torch first (the CPU wheel from the local file here; never a multi-GB CUDA build), then the
+# package and its extension without build isolation so it compiles against that torch.
+$(STAMP): pyproject.toml setup.py
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel ninja
+	$(VPY) -m pip install -q "torch==2.13.0"
+	$(VPY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Incremental rebuild of tokenbounds._C after editing csrc/ (ninja recompiles what changed).
+# flock: several people/agents may share one checkout.
+build: $(STAMP)
+	flock .build.lock $(VPY) setup.py -q build_ext --inplace
+
+test: build
+	$(VPY) -m pytest -q
+
+test-all: build
+	$(VPY) -m pytest -q -m "not cuda"
+
+demo: build
+	$(VENV)/bin/tokenbounds demo
+
+bench: build
+	$(VPY) -m pytest -q -m slow
+	$(VPY) benchmarks/run_all.py
+
+# Compile-only check of every CUDA kernel (torch-free sources), sm_80 and sm_90, warnings as errors.
+check-cuda:
+	@set -e; for f in csrc/cuda/*.cu; do \
+	  echo "nvcc $$f"; \
+	  $(NVCC) -std=c++17 -O3 -Icsrc/include $(CUDA_ARCHS) -Werror all-warnings -Xcompiler -Wall,-Werror \
+	    -c $$f -o /dev/null; \
+	done
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pyext triton_kernels tests benchmarks
+
+clean:
+	rm -rf build $(VENV) pyext/_C*.so *.egg-info
