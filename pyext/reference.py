@@ -30,8 +30,11 @@ def smoothed_nll_reference(
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
     target_logit = x.gather(1, safe_targets[:, None])[:, 0] if x.shape[0] else x.new_zeros(0)
-    logp = target_logit - torch.logsumexp(x, dim=-1) if x.shape[0] else x.new_zeros(0)
-    logp = torch.where(torch.isneginf(target_logit), torch.full_like(logp, -math.inf), logp)
+    lse = torch.logsumexp(x, dim=-1) if x.shape[0] else x.new_zeros(0)
+    logp = torch.where(torch.isneginf(target_logit), torch.full_like(lse, -math.inf), target_logit - lse)
+    # No valid softmax: a NaN or +inf logit, or no finite logit at all -> NaN (an input error).
+    bad_row = torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | torch.isneginf(lse)
+    logp = torch.where(bad_row, torch.full_like(logp, math.nan), logp)
     rank = (x > target_logit[:, None]).sum(-1)
     a = alphas.to(torch.float64)
     log_keep = torch.log1p(-a)
@@ -42,3 +45,131 @@ def smoothed_nll_reference(
     logp = torch.where(valid, logp, zero)
     rank = torch.where(valid, rank, torch.zeros_like(rank))
     return nll.to(torch.float32), logp.to(torch.float32), rank.to(torch.int32)
+
+
+# ==================================================================== hadamard / quant (issue 4)
+# Oracles for tokenbounds::hadamard_transform and the quantizer codebooks (tokenbounds.quant).
+
+
+def hadamard_transform_reference(x: torch.Tensor, hk: torch.Tensor, scale: float) -> torch.Tensor:
+    """Oracle for tokenbounds::hadamard_transform on 2-D x [rows, n]: y = scale * x @ H_n^T.
+
+    H_n = H_K (x) H_m with H_K = ``hk`` [K, K] and H_m the Sylvester matrix of order m = n / K
+    (entry (-1)^popcount(i & j)); dense float64 matmul, result cast back to x.dtype.
+    """
+    n = x.shape[-1]
+    k = hk.shape[0]
+    m = n // k
+    i = torch.arange(m)
+    bits = i[:, None] & i[None, :]
+    pop = torch.zeros_like(bits)
+    while bool(bits.any()):
+        pop += bits & 1
+        bits = bits >> 1
+    hm = (1 - 2 * (pop & 1)).to(torch.float64)
+    h = torch.kron(hk.to(torch.float64).cpu(), hm).to(x.device)
+    return (scale * (x.to(torch.float64) @ h.T)).to(x.dtype)
+
+
+def e8_nearest_reference(x: torch.Tensor) -> torch.Tensor:
+    """Brute-force nearest point of the E8 lattice to each row of x [N, 8] (float64 result).
+
+    E8 = D8 U (D8 + 1/2), D8 = {z in Z^8 : sum z even}. Searches every candidate of both cosets
+    whose coordinates are within 1 of x (floor/ceil per coordinate: 2^8 per coset), keeping those
+    in the lattice, and returns the closest one.
+    """
+    x = x.to(torch.float64)
+    best = torch.empty_like(x)
+    corners = torch.tensor([[(c >> j) & 1 for j in range(8)] for c in range(256)], dtype=torch.float64)
+    best_d = torch.full((x.shape[0],), float("inf"), dtype=torch.float64)
+    for shift in (0.0, 0.5):
+        base = torch.floor(x - shift)
+        cand = base[:, None, :] + corners[None] + shift  # [N, 256, 8]
+        in_lattice = torch.remainder(torch.round((cand - shift).sum(-1)), 2) == 0
+        d = ((cand - x[:, None, :]) ** 2).sum(-1)
+        d = torch.where(in_lattice, d, torch.full_like(d, float("inf")))
+        dmin, arg = d.min(1)
+        better = dmin < best_d
+        best[better] = cand[better, arg[better]]
+        best_d = torch.where(better, dmin, best_d)
+    return best
+
+
+# =============================================================================================
+# gram family + Hessian oracles (owner: tokenbounds.hessian; issue 5). Independent numpy/float64
+# implementations of csrc/include/tokenbounds/gram.h and csrc/cpu/gram.cpp.
+# =============================================================================================
+
+
+def mix32_int(x: int) -> int:
+    """lowbias32 integer mixer on one Python int (C. Wellons); mirrors tokenbounds::gram::mix32."""
+    m = 0xFFFFFFFF
+    x &= m
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def _mix32_np(x):
+    import numpy as np
+
+    x = x.astype(np.uint32)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(0x7FEB352D)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(0x846CA68B)
+        x ^= x >> np.uint32(16)
+    return x
+
+
+def rademacher_probes_reference(d: int, k: int, seed: int, offset: int) -> torch.Tensor:
+    """Oracle for tokenbounds::rademacher_probes: Z[i, c] = 1 - 2 * top_bit(hash(seed, i, offset + c)).
+
+    hash: row_key = mix(lo ^ 0x9E3779B9), col_key = mix(((hi + 0x85EBCA6B) mod 2^32) ^ row_key),
+    h = mix(mix(mix(i ^ row_key) ^ col ^ col_key) + 0x632BE5AB) with mix = lowbias32.
+    """
+    import numpy as np
+
+    lo, hi = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    row_key = mix32_int(lo ^ 0x9E3779B9)
+    col_key = mix32_int(((hi + 0x85EBCA6B) & 0xFFFFFFFF) ^ row_key)
+    rows = np.arange(d, dtype=np.uint64).astype(np.uint32)
+    cols = (np.arange(offset, offset + k, dtype=np.uint64) & 0xFFFFFFFF).astype(np.uint32)
+    rs = _mix32_np(rows ^ np.uint32(row_key))
+    h = _mix32_np(rs[:, None] ^ cols[None, :] ^ np.uint32(col_key))
+    with np.errstate(over="ignore"):
+        h = _mix32_np(h + np.uint32(0x632BE5AB))
+    return torch.from_numpy(np.where(h >> np.uint32(31), -1.0, 1.0).astype(np.float64))
+
+
+def rademacher_matmul_reference(x: torch.Tensor, k: int, seed: int, offset: int) -> torch.Tensor:
+    """Oracle for tokenbounds::rademacher_matmul: x @ Z in float64, cast to float32 (float64 for f64 x)."""
+    z = rademacher_probes_reference(x.shape[1], k, seed, offset).to(x.device)
+    out = x.to(torch.float64) @ z
+    return out if x.dtype == torch.float64 else out.to(torch.float32)
+
+
+def gram_accumulate_reference(acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Oracle for tokenbounds::gram_accumulate_: acc + triu(x^T x) in float64 (lower part unchanged)."""
+    x64 = x.to(torch.float64)
+    return acc.to(torch.float64) + torch.triu(x64.T @ x64)
+
+
+def exact_hessian_reference(loss_fn, params: torch.Tensor) -> torch.Tensor:
+    """Dense Hessian of a scalar function of one flat float64 parameter vector (torch.func.hessian)."""
+    return torch.func.hessian(loss_fn)(params.detach().to(torch.float64))
+
+
+def spectral_trace_reference(matrix: torch.Tensor, f: str) -> float:
+    """tr f(H) from eigvalsh in float64; f in identity, sqrt_abs, sqrt_clamped, log (log of |lambda|)."""
+    lam = torch.linalg.eigvalsh(matrix.to(torch.float64))
+    fn = {
+        "identity": lambda v: v,
+        "sqrt_abs": lambda v: v.abs().sqrt(),
+        "sqrt_clamped": lambda v: v.clamp_min(0).sqrt(),
+        "log": lambda v: v.abs().log(),
+    }[f]
+    return float(fn(lam).sum())

@@ -152,7 +152,7 @@ def smoothed_nll(
     vocab = _check_vocab_size(vocab_size, logits.shape[-1], "logits.shape[-1]")
     flat_targets = _check_targets(targets, logits.shape[:-1], logits.device, vocab, ignore_index)
     logits2d = logits.reshape(-1, logits.shape[-1])
-    if logits2d.shape[0] and logits2d.stride(-1) != 1:
+    if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
     chosen = resolve_backend("smoothed_nll", logits.device, backend)
     alphas_t = torch.tensor(alpha_values, dtype=torch.float64, device=logits.device)
