@@ -2,34 +2,38 @@
 them cheap (fused smoothed log-loss, QuIP-style quantization, Hessian estimation).
 
 Kernel API (stable): :func:`smoothed_nll`, :func:`linear_smoothed_nll`, :class:`LossStats`.
-Bounds: :mod:`tokenbounds.bounds` (pure functions, no torch needed).
+Bounds: :mod:`tokenbounds.bounds` (pure functions; importable without torch).
+
+The kernels are loaded lazily on first use, so `import tokenbounds.bounds` (and LossStats, which
+needs only numpy) works on a machine without torch.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-import torch  # noqa: F401  (the extension links against torch's libraries: import it first)
-
 from .losses import DEFAULT_ALPHAS, TOPK, LossStats, TokenLosses
-from .ops import available_backends, linear_smoothed_nll, smoothed_nll
 
-__all__ = [
-    "DEFAULT_ALPHAS",
-    "TOPK",
-    "LossStats",
-    "TokenLosses",
-    "available_backends",
-    "linear_smoothed_nll",
-    "smoothed_nll",
-]
+_LAZY = {
+    "smoothed_nll": ("tokenbounds.ops.losses", "smoothed_nll"),
+    "linear_smoothed_nll": ("tokenbounds.ops.losses", "linear_smoothed_nll"),
+    "available_backends": ("tokenbounds.ops", "available_backends"),
+    "hadamard_transform": ("tokenbounds.ops.hadamard", "hadamard_transform"),
+}
+
+__all__ = ["DEFAULT_ALPHAS", "TOPK", "LossStats", "TokenLosses", *_LAZY]
 
 
 def __getattr__(name: str):
-    # Kernels of other families are exported lazily so that `import tokenbounds` stays cheap and a
-    # family under construction never breaks the others.
-    if name == "hadamard_transform":
-        from .ops.hadamard import hadamard_transform
+    if name in _LAZY:
+        import importlib
 
-        return hadamard_transform
+        module_name, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module_name), attr)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'tokenbounds' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
