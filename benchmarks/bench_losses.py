@@ -21,6 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import tokenbounds as tb  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _common import (  # noqa: E402
@@ -31,8 +32,6 @@ from _common import (  # noqa: E402
     peak_rss_mib_of,
     write_result,
 )
-
-import tokenbounds as tb  # noqa: E402
 
 ALPHAS = tb.DEFAULT_ALPHAS
 

@@ -184,7 +184,7 @@ class LossStats:
     @property
     def mean_bits(self) -> dict[float, float]:
         """{alpha: mean smoothed loss in bits} — the input token_bound expects."""
-        return {a: float(m) for a, m in zip(self.alphas, self.mean)}
+        return {a: float(m) for a, m in zip(self.alphas, self.mean, strict=True)}
 
     @property
     def variance_bits(self) -> np.ndarray:

@@ -9,11 +9,10 @@ import sys
 
 import numpy as np
 import pytest
+import tokenbounds as tb
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
-import tokenbounds as tb
 from tokenbounds.ops._dispatch import has_op
 from tokenbounds.reference import smoothed_nll_reference
 

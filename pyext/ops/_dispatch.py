@@ -16,7 +16,7 @@ import torch
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def extension():
     """The compiled extension module, or None when it is not built."""
     try:
@@ -45,7 +45,7 @@ def has_op(name: str, device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), key)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
