@@ -1,0 +1,44 @@
+"""Copy benchmark results into README.md between markers, so the README quotes only numbers a
+script produced:
+
+    <!-- results:losses -->  ...  <!-- /results:losses -->
+
+is replaced by benchmarks/results/losses.md. Run after `make bench`:
+    python scripts/update_readme.py
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> int:
+    path = os.path.join(ROOT, "README.md")
+    with open(path) as f:
+        text = f.read()
+    missing = []
+
+    def fill(match: re.Match) -> str:
+        name = match.group(1)
+        result = os.path.join(ROOT, "benchmarks", "results", f"{name}.md")
+        if not os.path.exists(result):
+            missing.append(name)
+            return match.group(0)
+        with open(result) as f:
+            body = f.read().strip()
+        return f"<!-- results:{name} -->\n{body}\n<!-- /results:{name} -->"
+
+    text = re.sub(r"<!-- results:([\w.-]+) -->.*?<!-- /results:\1 -->", fill, text, flags=re.S)
+    with open(path, "w") as f:
+        f.write(text)
+    for name in missing:
+        print(f"note: benchmarks/results/{name}.md not found; run `make bench` first", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
