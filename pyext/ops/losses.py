@@ -36,8 +36,23 @@ def _register_fakes() -> None:
         )
 
 
+def _register_linear_fake() -> None:
+    if extension() is None or not has_op("linear_smoothed_nll", "cuda"):
+        return
+
+    @torch.library.register_fake("tokenbounds::linear_smoothed_nll")
+    def _(hidden, weight, targets, alphas, vocab_size, ignore_index, max_bytes):
+        n = hidden.shape[0]
+        return (
+            hidden.new_empty((n, alphas.shape[0]), dtype=torch.float32),
+            hidden.new_empty((n,), dtype=torch.float32),
+            hidden.new_empty((n,), dtype=torch.int32),
+        )
+
+
 try:
     _register_fakes()
+    _register_linear_fake()
 except RuntimeError:  # already registered (module reloaded)
     pass
 
@@ -229,7 +244,8 @@ def linear_smoothed_nll(
         from ..triton_kernels.smoothed_nll import linear_smoothed_nll_triton
 
         nll_bits, logp, rank = linear_smoothed_nll_triton(
-            hidden2d.contiguous(), weight.contiguous(), flat_targets, alphas_t, vocab, int(ignore_index)
+            hidden2d.contiguous(), weight.contiguous(), flat_targets, alphas_t, vocab, int(ignore_index),
+            max_bytes=max_bytes or DEFAULT_MAX_BYTES_CUDA,
         )
     else:
         # Row chunks: each chunk's logits (rows x V_padded) are computed by one GEMM and reduced

@@ -9,7 +9,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
 #include "tokenbounds/common.h"
 
@@ -37,7 +36,7 @@ TB_HD LsePartial lse_merge(LsePartial a, LsePartial b, ExpFn exp_fn) {
 // Natural log p_y from the merged state. -inf when the target logit is -inf (p_y = 0);
 // NaN when the row has no finite logit (max = -inf), which validation reports to the user.
 TB_HD double target_logp(double target_logit, double row_max, double sum_exp) {
-  if (row_max == -INFINITY) return std::numeric_limits<double>::quiet_NaN();
+  if (row_max == -INFINITY) return NAN;
   if (target_logit == -INFINITY) return -INFINITY;
   return (target_logit - row_max) - log(sum_exp);
 }
@@ -52,11 +51,11 @@ TB_HD double smoothing_log_floor(double alpha, double vocab_size) {
 // Smoothed loss in bits, -log2((1 - a) p_y + a / V), evaluated in log space as
 // -logaddexp(log(1 - a) + log p_y, log(a / V)) / ln 2 so it stays finite when p_y underflows.
 TB_HD double smoothed_nll_bits(double logp, double log_keep, double log_floor) {
+  if (logp != logp) return logp;  // NaN row (reported by validation) stays NaN at every level
   const double u = log_keep + logp;
   const double v = log_floor;
   const double hi = u > v ? u : v;
   if (hi == -INFINITY) return INFINITY;  // a = 0 and p_y = 0
-  if (hi != hi) return hi;               // NaN propagates (bad row; reported by validation)
   const double lo = u > v ? v : u;
   return -(hi + log1p(exp(lo - hi))) * kInvLn2;
 }
