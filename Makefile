@@ -9,7 +9,7 @@ CUDA_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=
 CSRC := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/include/tokenbounds/*.h)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: all venv build test test-all demo bench check-cuda lint clean
+.PHONY: all venv build test test-all demo bench peers check-cuda lint clean
 
 all: test
 
@@ -36,11 +36,29 @@ test-all: build
 	$(VPY) -m pytest -q -m "not cuda"
 
 demo: build
+	bash scripts/get_corpus.sh
 	$(VENV)/bin/tokenbounds demo
 
-bench: build
+# Long tests (coverage at 10^4 simulations, training), then every benchmark script; the README
+# tables are refreshed from benchmarks/results/.
+
+# Peers are benchmark-only and live in their own venv (shared/peers.md): installing them next to
+# tokenbounds would pull torchvision and a multi-GB CUDA torch. Benchmarks import them from there.
+PEERS_STAMP := .venv-peers/.installed
+$(PEERS_STAMP):
+	test -x .venv-peers/bin/python || $(PY) -m venv .venv-peers
+	.venv-peers/bin/pip install -q "torch==2.13.0" "triton==3.9.0" numpy scipy pytest
+	.venv-peers/bin/pip install -q --no-deps liger-kernel==0.8.5 cut-cross-entropy==25.1.1 \
+	    hadamard-transform==0.2.0 pyhessian==0.1 curvlinops-for-pytorch==3.0.1 \
+	    backpack-for-pytorch==1.7.1 einops opt-einsum einconv unfoldNd linear_operator tqdm
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
+
+bench: build $(PEERS_STAMP)
 	$(VPY) -m pytest -q -m slow
 	$(VPY) benchmarks/run_all.py
+	$(VPY) scripts/update_readme.py
 
 # Compile-only check of every CUDA kernel (torch-free sources), sm_80 and sm_90, warnings as errors.
 check-cuda:
