@@ -1,0 +1,252 @@
+"""Data pipeline: documents, tokenizer, token files, sampling, quantization, training."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from tokenbounds.eval import data, quick_quant, sample, train
+from tokenbounds.models.gpt import GPT, GPTConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return data.build_corpus(str(cache), ["tiny"], vocab_size=300, log=lambda *a: None)
+
+
+# ----------------------------------------------------------------------------- corpus + files
+def test_kjv_chapter_split():
+    text = (
+        "\nGenesis 1\n\n  1 In the beginning God created the heaven and the earth.\n"
+        "  2 And the earth was without form, and void; and darkness was upon the face of\n"
+        "the deep.\n\nGenesis 2\n\n  1 Thus the heavens 2\n\n1 Kings 3\n\n  1 And Solomon\n"
+    )
+    docs = data.split_kjv_chapters(text)
+    assert [d.splitlines()[0] for d in docs] == ["Genesis 1", "Genesis 2", "1 Kings 3"]
+    assert "the deep." in docs[0] and "the deep." not in docs[1]
+
+
+def test_tiny_corpus_layout(tiny_corpus):
+    tokens = np.asarray(tiny_corpus.tokens())
+    assert tokens.dtype == np.uint16
+    assert tokens.size == tiny_corpus.n_tokens
+    assert tokens[0] == tokens[-1] == tiny_corpus.eot_id == 0
+    # one EOT before each document and one at the end
+    assert int((tokens == 0).sum()) == tiny_corpus.n_documents + 1
+    assert tiny_corpus.num_data_tokens == tokens.size - 1
+    # decoding the first document gives back the text
+    tok = tiny_corpus.tokenizer()
+    second_eot = int(np.flatnonzero(tokens == 0)[1])
+    assert tok.decode(tokens[1:second_eot].tolist()) == data.tiny_documents()[0]
+    # vocab = EOT + 256 bytes + one token per merge
+    assert tok.get_vocab_size() == 257 + len(data.tokenizer_merges(tok))
+    assert tiny_corpus.vocab_size == tok.get_vocab_size() <= 300
+
+
+def test_corpus_cache_is_reused_and_reproducible(tiny_corpus, tmp_path):
+    again = data.build_corpus(str(tmp_path), ["tiny"], vocab_size=300, log=lambda *a: None)
+    assert again.tokens_sha256 == tiny_corpus.tokens_sha256  # same recipe, same bytes
+    cached = data.build_corpus(str(tmp_path), ["tiny"], vocab_size=300,
+                               log=lambda *a: pytest.fail("rebuilt a complete cached corpus"))
+    assert cached.tokens_sha256 == again.tokens_sha256
+
+
+def test_token_file_round_trip(tmp_path):
+    ids = np.array([0, 5, 65535, 7, 0], dtype=np.uint16)
+    path = str(tmp_path / "t.bin")
+    data.write_tokens(path, ids)
+    assert (tmp_path / "t.bin").stat().st_size == 10
+    mm = data.load_tokens(path)
+    assert isinstance(mm, np.memmap) and np.array_equal(mm, ids)
+    with pytest.raises(ValueError, match="multiple"):
+        data.write_tokens(path, np.array([1, 2, 3], dtype=np.uint16))
+        data.load_tokens(path, "uint32")
+    with pytest.raises(TypeError):
+        data.write_tokens(path, np.array([1, 2], dtype=np.int64))
+
+
+def test_tokenizer_bits_counts_merges():
+    tok = data.train_tokenizer(data.tiny_documents(), 280)
+    k = len(data.tokenizer_merges(tok))
+    assert k == tok.get_vocab_size() - 257 > 0
+    expected = math.ceil(sum(2 * math.log2(257 + j) for j in range(k))) + 2 * int(math.log2(k + 1)) + 1
+    assert data.tokenizer_description_bits(tok) == expected
+
+
+def test_unknown_source_is_reported(tmp_path):
+    with pytest.raises(ValueError, match="unknown corpus source"):
+        data.build_corpus(str(tmp_path), ["nope"], 300)
+
+
+@pytest.mark.skipif(shutil.which("bible") is None, reason="bible-kjv not installed (scripts/get_corpus.sh)")
+def test_kjv_documents():
+    docs = data.kjv_documents()
+    assert len(docs) == 1189
+    assert docs[0].startswith("Genesis 1\n") and "In the beginning God created" in docs[0]
+    assert docs[-1].startswith("Revelation 22")
+
+
+# ----------------------------------------------------------------------------- sampling
+def _toy_tokens():
+    # EOT=0 documents of lengths 3, 1, 6, 2
+    return np.array([0, 1, 2, 3, 0, 4, 0, 5, 6, 7, 8, 9, 10, 0, 11, 12, 0], dtype=np.uint16)
+
+
+def test_boundary_starts_exact():
+    toks = _toy_tokens()
+    pos = np.arange(1, toks.size)
+    starts = sample.boundary_starts(toks, pos, context_length=3, eot_id=0)
+    expected = []
+    for i in pos:
+        last_eot = max(j for j in range(i) if toks[j] == 0)
+        expected.append(max(i - 3, last_eot))
+    assert starts.tolist() == expected
+    assert sample.boundary_starts(toks, pos, 3, None).tolist() == [max(0, i - 3) for i in pos]
+
+
+def test_sampling_never_crosses_a_document_and_is_seeded(tiny_corpus):
+    toks = np.asarray(tiny_corpus.tokens())
+    s1 = sample.sample_tokens(toks, 3000, context_length=16, seed=7, eot_id=0)
+    s2 = sample.sample_tokens(toks, 3000, context_length=16, seed=7, eot_id=0)
+    s3 = sample.sample_tokens(toks, 3000, context_length=16, seed=8, eot_id=0)
+    assert np.array_equal(s1.positions, s2.positions) and s1.digest() == s2.digest()
+    assert not np.array_equal(s1.positions, s3.positions)
+    assert s1.positions.min() >= 1 and s1.positions.max() <= toks.size - 1
+    lengths = s1.context_lengths
+    assert lengths.min() >= 1 and lengths.max() <= 16
+    for p, st in zip(s1.positions, s1.starts, strict=True):
+        ctx = toks[st:p]
+        # the context holds no EOT except possibly its first token (the document start)
+        assert not (ctx[1:] == 0).any()
+        # and it is maximal: it reaches back context_length tokens or to the document's EOT
+        assert p - st == 16 or ctx[0] == 0
+    # with replacement: in 3000 draws from ~8600 positions, duplicates are expected
+    assert np.unique(s1.positions).size < s1.positions.size
+    d = s1.to_dict()
+    assert d["seed"] == 7 and d["num_samples"] == 3000 and d["population_tokens"] == toks.size - 1
+
+
+def test_batches_match_direct_contexts(tiny_corpus):
+    toks = np.asarray(tiny_corpus.tokens())
+    smp = sample.sample_tokens(toks, 50, context_length=12, seed=3)
+    seen = 0
+    for order, inputs, last, targets in sample.iter_batches(toks, smp, batch_size=16):
+        for r, k in enumerate(order):
+            p, st = smp.positions[k], smp.starts[k]
+            assert last[r] == p - st - 1
+            assert inputs[r, : p - st].tolist() == toks[st:p].tolist()
+            assert targets[r] == toks[p]
+        seen += len(order)
+    assert seen == 50
+
+
+def test_evaluate_sample_matches_full_logits(tiny_corpus):
+    torch.manual_seed(0)
+    toks = np.asarray(tiny_corpus.tokens())
+    model = GPT(GPTConfig(vocab_size=tiny_corpus.vocab_size, context_length=12, n_layer=1, n_head=2, d_model=16))
+    smp = sample.sample_tokens(toks, 40, context_length=12, seed=5)
+    stats = sample.evaluate_sample(model, toks, smp, alphas=(0.0, 0.1), batch_size=7)
+    assert stats.count == 40
+    nll = []
+    with torch.no_grad():
+        for p, st in zip(smp.positions, smp.starts, strict=True):
+            logits = model(torch.from_numpy(toks[st:p].astype(np.int64))[None])[0, -1].double()
+            nll.append(-torch.log_softmax(logits, -1)[int(toks[p])].item() / math.log(2))
+    assert stats.mean_bits[0.0] == pytest.approx(float(np.mean(nll)), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- quantization
+def test_8bit_round_trip_and_code_length():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 33)).astype(np.float32)
+    q = quick_quant.quantize_tensor(w, bits=8)
+    assert q.levels.min() >= 0 and q.levels.max() <= 254
+    w_hat = q.dequantize()
+    assert w_hat.shape == w.shape and w_hat.dtype == np.float32
+    assert np.abs(w_hat - w).max() <= q.scale / 2 * (1 + 1e-6)
+    # quantizing the dequantized tensor is exact (the grid is a fixed point)
+    q2 = quick_quant.quantize_tensor(w_hat, bits=8)
+    assert np.array_equal(q2.levels, q.levels) and np.array_equal(q2.dequantize(), w_hat)
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, context_length=8, n_layer=1, n_head=2, d_model=16))
+    qm = quick_quant.quantize_model(model, bits=8)
+    n = sum(p.numel() for p in model.parameters())  # tied embedding counted once
+    assert qm.num_parameters == n
+    size = qm.size
+    assert size["total_bits"] > size["levels_bits"] >= size["levels_entropy_bits"] * 0.99
+    assert size["levels_bits"] < 8 * n  # the coder beats raw 8-bit storage on Gaussian weights
+    clone = GPT(model.config)
+    quick_quant.dequantize_into(clone, qm)
+    for (name, p), t in zip(quick_quant.unique_parameters(clone), qm.tensors, strict=True):
+        assert np.array_equal(p.detach().numpy(), t.dequantize()), name
+    assert clone.lm_head.weight is clone.tok_emb.weight
+
+
+# ----------------------------------------------------------------------------- training
+def test_training_loss_decreases_and_resume_is_exact(tiny_corpus, tmp_path, monkeypatch):
+    toks = np.asarray(tiny_corpus.tokens())
+    cfg_m = GPTConfig(vocab_size=tiny_corpus.vocab_size, context_length=16, n_layer=1, n_head=2, d_model=32)
+    cfg = train.TrainConfig(steps=40, batch_size=8, lr=1e-2, warmup_steps=4, bf16=False)
+
+    torch.manual_seed(0)
+    full = GPT(cfg_m)
+    res = train.train(full, toks, cfg, progress=False)
+    assert len(res.losses_nats) == 4
+    assert res.losses_nats[-1] < res.losses_nats[0] - 1.0  # nats; starts at ~ln V = 5.7
+
+    # interrupted at step 25 then resumed: identical final weights
+    torch.manual_seed(0)
+    part = GPT(cfg_m)
+    ckpt = str(tmp_path / "ckpt.pt")
+    real = train.get_batch
+
+    def interrupt(tokens, b, t, seed, step):
+        if step == 25:
+            raise KeyboardInterrupt
+        return real(tokens, b, t, seed, step)
+
+    monkeypatch.setattr(train, "get_batch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(part, toks, cfg, checkpoint_path=ckpt, progress=False, log=lambda *a: None)
+    monkeypatch.setattr(train, "get_batch", real)
+    torch.manual_seed(123)
+    resumed = GPT(cfg_m)
+    res2 = train.train(resumed, toks, cfg, checkpoint_path=ckpt, progress=False, log=lambda *a: None)
+    assert res2.resumed_from == 25 and res2.tokens_seen == res.tokens_seen
+    for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    # a checkpoint from another configuration is refused, not silently used
+    with pytest.raises(ValueError, match="different configuration"):
+        train.train(GPT(cfg_m), toks, train.TrainConfig(steps=41, bf16=False), checkpoint_path=ckpt, progress=False)
+
+
+def test_tokenizer_training_subset_is_strided_and_capped():
+    docs = [f"doc {i} " * (10 + i) for i in range(50)]
+    assert data.tokenizer_training_documents(docs, 10**9) == docs
+    total = sum(len(d) for d in docs)
+    sub = data.tokenizer_training_documents(docs, total // 3)
+    assert sum(len(d) for d in sub) <= total // 3
+    k = docs.index(sub[1])
+    assert k >= 2 and sub == docs[::k]
+
+
+def test_gcide_reader_handles_cp1252_and_entries(tmp_path):
+    import gzip
+
+    raw = (b"Abacus \\Ab\"a*cus\\, n.\n   A counting frame.\n   [1913 Webster]\n\n"
+           b"Caf\xe9 \\Caf\"\xe9\\, n.\n   A coffee house.\n\n"
+           + "Na\u00efve \\Na*\"ive\\, a.\n   Simple.\n".encode())
+    path = tmp_path / "gcide.dict.dz"
+    with gzip.open(path, "wb") as f:
+        f.write(raw)
+    docs = data.gcide_documents(str(path), entries_per_doc=2)
+    assert len(docs) == 2
+    assert docs[0].startswith("Abacus") and "Caf\u00e9" in docs[0]  # cp1252 fallback
+    assert docs[1].startswith("Na\u00efve")
+    with pytest.raises(data.CorpusUnavailable, match="dict-gcide"):
+        data.gcide_documents(str(tmp_path / "missing.dz"))
