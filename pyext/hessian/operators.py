@@ -1,0 +1,387 @@
+"""Curvature operators of a model's mean token loss, and the layer proxy Hessian.
+
+* :class:`ModelHessian`   H = d^2 L / d theta^2 of the mean token cross-entropy (nats) on a batch;
+  Hessian-vector products by double backward through a cached gradient graph (Pearlmutter 1994),
+  a block of ``probe_block`` probes per backward (``is_grads_batched``), or by ``torch.func``
+  forward-over-reverse with ``vmap`` over the probe block (``method="func"``).
+* :class:`GaussNewton`    G = J^T H_out J, the PSD generalized Gauss-Newton matrix of the same
+  loss (Schraudolph 2002), with J v by the double-vjp trick.
+* :class:`ProxyHessian`   H = X^T X / n for layer inputs X [n, d] (QuIP, Chee et al. 2023; GPTQ);
+  applied as X^T (X V) / n in row chunks so H is never formed, with in-kernel Rademacher probes for
+  Hutchinson (:func:`tokenbounds.ops.gram.rademacher_matmul`).
+
+All satisfy the ``matmat(V) -> H @ V`` protocol of :mod:`tokenbounds.hessian.estimators`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.gram import gram_accumulate_, rademacher_matmul, symmetrize_upper
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _sdpa_math():
+    """Double backward of scaled_dot_product_attention exists only for the math backend on CPU."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+    except ImportError:  # pragma: no cover - old torch
+        return contextlib.nullcontext()
+
+
+def split_tokens(tokens: torch.Tensor) -> Batch:
+    """[B, T + 1] token ids -> (inputs [B, T], next-token targets [B, T])."""
+    if tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be [batch, length >= 2], got shape {tuple(tokens.shape)}")
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _as_batch(batch) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return split_tokens(batch)
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch):
+        return batch[0], batch[1]
+    raise TypeError("batch must be a [B, T+1] token tensor or an (inputs, targets) pair of tensors")
+
+
+def model_logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Logits of a tokenbounds GPT or a Hugging Face causal LM (``.logits``)."""
+    out = model(inputs)
+    if hasattr(out, "logits"):
+        out = out.logits
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in nats over targets != -100."""
+    logits = model_logits(model, inputs)
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def _select_params(model: nn.Module, params) -> tuple[list[str], list[torch.Tensor]]:
+    named = dict(model.named_parameters())  # tied weights appear once
+    if params is None:
+        names = [k for k, p in named.items() if p.requires_grad]
+    elif all(isinstance(p, str) for p in params):
+        names = list(params)
+        unknown = [k for k in names if k not in named]
+        if unknown:
+            raise ValueError(f"unknown parameter names {unknown[:5]}; see model.named_parameters()")
+    else:
+        ids = {id(p): k for k, p in named.items()}
+        missing = [i for i, p in enumerate(params) if id(p) not in ids]
+        if missing:
+            raise ValueError(f"params[{missing[0]}] is not a parameter of the model")
+        names = [ids[id(p)] for p in params]
+    if not names:
+        raise ValueError("no parameters selected (none requires grad?)")
+    return names, [named[k] for k in names]
+
+
+class _ModelOperator:
+    """Common plumbing: parameter selection, flattening, probe blocking."""
+
+    def __init__(self, model, batches, *, params, probe_block: int):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(batches, torch.Tensor) or (
+            isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], torch.Tensor)
+        ):
+            batches = [batches]
+        if not isinstance(batches, Sequence) or len(batches) == 0:
+            raise ValueError("batches must be a batch or a non-empty list of batches")
+        if isinstance(probe_block, bool) or not isinstance(probe_block, int) or probe_block < 1:
+            raise ValueError(f"probe_block must be a positive int, got {probe_block!r}")
+        self.model = model
+        self.batches = [_as_batch(b) for b in batches]
+        self.names, self.params = _select_params(model, params)
+        self.sizes = [p.numel() for p in self.params]
+        n = sum(self.sizes)
+        self.shape = (n, n)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self.probe_block = probe_block
+        # Tied weights (e.g. GPT's lm_head.weight = tok_emb.weight) appear once in named_parameters;
+        # torch.func.functional_call needs every alias replaced explicitly.
+        canonical = {id(p): k for k, p in zip(self.names, self.params, strict=True)}
+        self.aliases = {
+            k: canonical[id(p)]
+            for k, p in model.named_parameters(remove_duplicate=False)
+            if id(p) in canonical and k != canonical[id(p)]
+        }
+
+    def _param_dict(self, tensors) -> dict:
+        theta = dict(zip(self.names, tensors, strict=True))
+        theta.update({alias: theta[name] for alias, name in self.aliases.items()})
+        return theta
+
+    def _flat(self, tensors) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def _flat_batched(self, tensors, k: int) -> torch.Tensor:
+        return torch.cat([t.reshape(k, -1) for t in tensors], dim=1)
+
+    def _unflat(self, v: torch.Tensor) -> list[torch.Tensor]:
+        return [c.view_as(p) for c, p in zip(torch.split(v, self.sizes), self.params, strict=True)]
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matmat(v[:, None])[:, 0]
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if V.dim() != 2 or V.shape[0] != self.shape[0]:
+            raise ValueError(f"V must be [{self.shape[0]}, k], got {tuple(V.shape)}")
+        V = V.to(device=self.device, dtype=self.dtype)
+        out = torch.zeros_like(V)
+        for start in range(0, V.shape[1], self.probe_block):
+            block = V[:, start:start + self.probe_block]
+            acc = None
+            for b, batch in enumerate(self.batches):
+                r = self._apply_block(b, batch, block)
+                acc = r if acc is None else acc + r
+            out[:, start:start + block.shape[1]] = acc / len(self.batches)
+        return out
+
+    def _apply_block(self, b: int, batch: Batch, block: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class ModelHessian(_ModelOperator):
+    """Hessian of the mean token loss w.r.t. the selected parameters (flattened, in named order).
+
+    Args:
+        model: an ``nn.Module`` mapping token ids [B, T] to logits [B, T, V] (or ``.logits``).
+        batches: one batch or a list; each is a [B, T + 1] token tensor or an (inputs, targets)
+            pair. With several batches H is the average of the per-batch Hessians.
+        loss_fn: ``loss_fn(model, inputs, targets) -> scalar``; default mean cross-entropy (nats).
+        params: parameters or their names (default: all that require grad).
+        method: "autograd" (double backward through the gradient graph, built once per batch and
+            cached when ``cache_graph``) or "func" (torch.func jvp of grad, vmapped over probes).
+        probe_block: probes per backward pass (batched with ``is_grads_batched`` / ``vmap``).
+    """
+
+    def __init__(self, model: nn.Module, batches, *, loss_fn: Callable | None = None, params=None,
+                 method: str = "autograd", probe_block: int = 8, cache_graph: bool = True):
+        super().__init__(model, batches, params=params, probe_block=probe_block)
+        if method not in ("autograd", "func"):
+            raise ValueError(f"method must be 'autograd' or 'func', got {method!r}")
+        self.loss_fn = loss_fn or token_loss
+        self.method = method
+        self.cache_graph = cache_graph
+        self._grads: dict[int, torch.Tensor] = {}
+        self._batched_ok = True
+
+    def _grad_graph(self, b: int, batch: Batch) -> torch.Tensor:
+        if b in self._grads:
+            return self._grads[b]
+        with _sdpa_math(), torch.enable_grad():
+            loss = self.loss_fn(self.model, *batch)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True)
+        g = self._flat(grads)
+        if self.cache_graph:
+            self._grads[b] = g
+        return g
+
+    def gradient(self) -> torch.Tensor:
+        """Flat mean gradient over the batches (detached)."""
+        return sum(self._grad_graph(b, bt).detach() for b, bt in enumerate(self.batches)) / len(self.batches)
+
+    def _apply_block(self, b, batch, block):
+        if self.method == "func":
+            return self._apply_func(batch, block)
+        g = self._grad_graph(b, batch)
+        k = block.shape[1]
+        if k > 1 and self._batched_ok:
+            try:
+                hv = torch.autograd.grad(g, self.params, block.T.contiguous(), retain_graph=True,
+                                         is_grads_batched=True, allow_unused=True)
+                return self._flat_batched([self._zeros_if_none(h, p, k) for h, p in zip(hv, self.params, strict=True)], k).T
+            except RuntimeError:
+                self._batched_ok = False  # some op lacks a batching rule: fall back to a loop
+        cols = []
+        for c in range(k):
+            hv = torch.autograd.grad(g, self.params, block[:, c], retain_graph=True, allow_unused=True)
+            cols.append(self._flat([self._zeros_if_none(h, p) for h, p in zip(hv, self.params, strict=True)]))
+        return torch.stack(cols, dim=1)
+
+    @staticmethod
+    def _zeros_if_none(h, p, k: int | None = None):
+        if h is not None:
+            return h
+        return torch.zeros((k, *p.shape) if k else p.shape, dtype=p.dtype, device=p.device)
+
+    def _apply_func(self, batch, block):
+        from torch.func import grad, jvp, vmap
+
+        base = {k: p.detach() for k, p in zip(self.names, self.params, strict=True)}
+        inputs, targets = batch
+        model, loss_fn = self.model, self.loss_fn
+
+        def f(flat):
+            theta = self._param_dict(self._unflat(flat))
+            out_model = _Functional(model, theta)
+            return loss_fn(out_model, inputs, targets)
+
+        flat0 = self._flat(base.values())
+
+        def hvp(v):
+            return jvp(grad(f), (flat0,), (v,))[1]
+
+        with _sdpa_math():
+            return vmap(hvp, in_dims=1, out_dims=1)(block)
+
+
+class _Functional(nn.Module):
+    """Calls ``model`` with some parameters replaced (torch.func.functional_call)."""
+
+    def __init__(self, model: nn.Module, theta: dict):
+        super().__init__()
+        self._model = [model]
+        self._theta = theta
+
+    def forward(self, *args, **kwargs):
+        from torch.func import functional_call
+
+        return functional_call(self._model[0], self._theta, args, kwargs, tie_weights=False)
+
+
+class GaussNewton(_ModelOperator):
+    """Generalized Gauss-Newton matrix G = J^T H_out J of the mean token cross-entropy (PSD).
+
+    J = d logits / d theta; for softmax cross-entropy averaged over N valid tokens,
+    H_out = blockdiag_t (diag(p_t) - p_t p_t^T) / N. J v uses the double-vjp trick
+    (J v = d/du <J^T u, v>), so only reverse mode is needed.
+    """
+
+    def __init__(self, model: nn.Module, batches, *, params=None, probe_block: int = 8):
+        super().__init__(model, batches, params=params, probe_block=probe_block)
+        self._cache: dict[int, tuple] = {}
+
+    def _graph(self, b, batch):
+        if b in self._cache:
+            return self._cache[b]
+        inputs, targets = batch
+        with _sdpa_math(), torch.enable_grad():
+            logits = model_logits(self.model, inputs)
+            if logits.dtype != torch.float64:
+                logits = logits.float()
+            logits = logits.reshape(-1, logits.shape[-1])
+            u = torch.zeros_like(logits, requires_grad=True)
+            jtu = torch.autograd.grad(logits, self.params, u, create_graph=True)
+        valid = (targets.reshape(-1) != -100).to(logits.dtype)
+        probs = torch.softmax(logits.detach(), dim=-1) * valid[:, None]
+        count = valid.sum().clamp_min(1)
+        self._cache[b] = (logits, u, self._flat(jtu), probs, count)
+        return self._cache[b]
+
+    def _apply_block(self, b, batch, block):
+        logits, u, jtu, probs, count = self._graph(b, batch)
+        cols = []
+        for c in range(block.shape[1]):
+            jv = torch.autograd.grad(jtu, u, block[:, c].to(jtu.dtype), retain_graph=True)[0]
+            m = probs * jv - probs * (probs * jv).sum(-1, keepdim=True)
+            gv = torch.autograd.grad(logits, self.params, m / count, retain_graph=True, allow_unused=True)
+            cols.append(self._flat([ModelHessian._zeros_if_none(h, p) for h, p in zip(gv, self.params, strict=True)]))
+        return torch.stack(cols, dim=1).to(self.dtype)
+
+
+class ProxyHessian:
+    """Layer proxy Hessian H = X^T X / n (QuIP / GPTQ) as an operator that never forms H.
+
+    ``matmat(V) = X^T (X V) / n`` in chunks of ``chunk_rows`` rows (O(chunk * k) extra memory);
+    Hutchinson probes are generated inside :func:`rademacher_matmul`, so tr(H) costs one pass
+    over X per probe block and no probe storage. ``dense()`` forms H with the one-triangle gram
+    kernel when d is small enough.
+    """
+
+    def __init__(self, X: torch.Tensor, *, chunk_rows: int = 65536, probe_block: int = 32):
+        if not isinstance(X, torch.Tensor) or X.dim() != 2 or X.shape[0] < 1 or X.shape[1] < 1:
+            raise ValueError(f"X must be a non-empty 2-D tensor [n, d] of layer inputs, got {getattr(X, 'shape', X)}")
+        if not X.is_floating_point():
+            raise TypeError(f"X must be floating point, got {X.dtype}")
+        self.X = X
+        self.n_rows = X.shape[0]
+        d = X.shape[1]
+        self.shape = (d, d)
+        self.dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
+        self.device = X.device
+        self.chunk_rows = chunk_rows
+        self.probe_block = probe_block
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        V = V.to(self.dtype)
+        out = torch.zeros((self.shape[0], V.shape[1]), dtype=self.dtype, device=self.device)
+        for s in range(0, self.n_rows, self.chunk_rows):
+            xc = self.X[s:s + self.chunk_rows].to(self.dtype)
+            out += xc.T @ (xc @ V)
+        return out / self.n_rows
+
+    def rademacher_quadratic_forms(self, k: int, *, seed: int = 0, offset: int = 0) -> torch.Tensor:
+        """z_c^T H z_c = ||X z_c||^2 / n for probes c = offset .. offset + k - 1 (float64)."""
+        total = torch.zeros(k, dtype=torch.float64, device=self.device)
+        for s in range(0, self.n_rows, self.chunk_rows):
+            y = rademacher_matmul(self.X[s:s + self.chunk_rows], k, seed=seed, offset=offset)
+            total += (y.to(torch.float64) ** 2).sum(0)
+        return total / self.n_rows
+
+    def trace(self) -> float:
+        """Exact tr(H) = ||X||_F^2 / n."""
+        return float((self.X.to(torch.float64) ** 2).sum() / self.n_rows)
+
+    def dense(self, acc_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        acc = torch.zeros(self.shape, dtype=acc_dtype, device=self.device)
+        for s in range(0, self.n_rows, self.chunk_rows):
+            gram_accumulate_(acc, self.X[s:s + self.chunk_rows])
+        return symmetrize_upper(acc) / self.n_rows
+
+
+def collect_proxy_hessians(model: nn.Module, batches, *, layers: Sequence[str] | None = None,
+                           acc_dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """H_l = X_l^T X_l / n_l for the input X_l of every ``nn.Linear`` (or the named ones).
+
+    Inputs are captured by forward hooks and accumulated batch by batch with the one-triangle
+    gram kernel (bf16/fp16 activations accumulate in ``acc_dtype``), so only H_l is kept.
+    """
+    if isinstance(batches, torch.Tensor) or (isinstance(batches, tuple) and len(batches) == 2):
+        batches = [batches]
+    linear = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if layers is not None:
+        unknown = [n for n in layers if n not in linear]
+        if unknown:
+            raise ValueError(f"{unknown[:3]} are not nn.Linear modules of the model; choose from {list(linear)[:8]}")
+        linear = {n: linear[n] for n in layers}
+    acc: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def hook(name):
+        def fn(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+            if name not in acc:
+                acc[name] = torch.zeros((x.shape[1], x.shape[1]), dtype=acc_dtype, device=x.device)
+                rows[name] = 0
+            gram_accumulate_(acc[name], x)
+            rows[name] += x.shape[0]
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in linear.items()]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                inputs, _ = _as_batch(batch)
+                model_logits(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: symmetrize_upper(acc[n]) / rows[n] for n in acc}

@@ -1,0 +1,300 @@
+"""tokenbounds.hessian against exact oracles (torch.func.hessian + eigvalsh) on <= 1000 parameters."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from tokenbounds import reference
+from tokenbounds.hessian import (
+    DenseOperator,
+    Estimate,
+    GaussNewton,
+    ModelHessian,
+    ProxyHessian,
+    collect_proxy_hessians,
+    format_table,
+    hutchinson_trace,
+    hutchpp_trace,
+    quip_link_table,
+    slq_trace,
+    spectral_density,
+    sqrt_trace_stats,
+)
+from tokenbounds.hessian.operators import _sdpa_math
+from tokenbounds.models.gpt import GPT, GPTConfig
+
+VOCAB = 16
+
+
+def _trained_gpt() -> tuple[GPT, torch.Tensor]:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, context_length=8, n_layer=1, n_head=2, d_model=4))
+    tokens = torch.randint(0, VOCAB, (8, 9), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.Adam(model.parameters(), 3e-2)
+    for _ in range(25):  # away from initialization: an indefinite Hessian with outliers
+        _, loss = model(tokens[:, :-1], tokens[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.double(), tokens
+
+
+def _flat_loss(op: ModelHessian, model: nn.Module, tokens: torch.Tensor):
+    def f(flat):
+        theta = op._param_dict([c.view_as(p) for c, p in zip(torch.split(flat, op.sizes), op.params, strict=True)])
+        logits = torch.func.functional_call(model, theta, (tokens[:, :-1],))
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+    return f
+
+
+@pytest.fixture(scope="module")
+def gpt_case():
+    model, tokens = _trained_gpt()
+    op = ModelHessian(model, tokens, probe_block=8)
+    assert op.shape[0] <= 1000
+    with _sdpa_math():
+        H = reference.exact_hessian_reference(_flat_loss(op, model, tokens), torch.cat([p.reshape(-1) for p in op.params]))
+    return model, tokens, op, H
+
+
+@pytest.fixture(scope="module")
+def exact_h(gpt_case):
+    return gpt_case[3]
+
+
+def _within(est: Estimate, exact: float, k: float = 3.0):
+    assert math.isfinite(est.stderr) and est.stderr >= 0
+    assert abs(est.value - exact) <= k * est.stderr + 1e-9 * abs(exact), (est, exact)
+
+
+# ----------------------------------------------------------------------------- operators
+def test_oracle_matches_finite_differences(gpt_case):
+    model, tokens, op, H = gpt_case
+    f = _flat_loss(op, model, tokens)
+    p0 = torch.cat([p.detach().reshape(-1) for p in op.params])
+    eps = 1e-6
+    for col in (0, 96, op.shape[0] - 5):  # embedding, LayerNorm, final LayerNorm
+        e = torch.zeros_like(p0)
+        e[col] = eps
+        with _sdpa_math():
+            fd = (torch.func.grad(f)(p0 + e) - torch.func.grad(f)(p0 - e)) / (2 * eps)
+        torch.testing.assert_close(H[:, col], fd, rtol=1e-5, atol=1e-6)
+
+
+def test_hvp_autograd_matches_exact(gpt_case):
+    model, tokens, op, H = gpt_case
+    V = torch.randn(H.shape[0], 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(op.matmat(V), H @ V, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(op.matvec(V[:, 0]), H @ V[:, 0], rtol=1e-7, atol=1e-8)
+    loop = ModelHessian(model, tokens, probe_block=1)
+    torch.testing.assert_close(loop.matmat(V), H @ V, rtol=1e-7, atol=1e-8)
+
+
+def test_hvp_func_matches_exact(gpt_case):
+    model, tokens, _, H = gpt_case
+    op = ModelHessian(model, tokens, method="func", probe_block=3)
+    V = torch.randn(H.shape[0], 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(op.matmat(V), H @ V, rtol=1e-7, atol=1e-8)
+
+
+def test_hvp_multiple_batches_average(gpt_case):
+    model, tokens, op, H = gpt_case
+    two = ModelHessian(model, [tokens[:4], tokens[4:]])
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    ref = 0.5 * (ModelHessian(model, tokens[:4]).matmat(V) + ModelHessian(model, tokens[4:]).matmat(V))
+    torch.testing.assert_close(two.matmat(V), ref)
+
+
+def test_gauss_newton_is_exact_ggn(gpt_case):
+    model, tokens, op, _ = gpt_case
+    tokens = tokens[:2]  # 16 tokens x 16 classes: a cheap explicit Jacobian
+    ggn = GaussNewton(model, tokens, probe_block=4)
+    n = ggn.shape[0]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in op.params])
+
+    def logits_of(flat):
+        theta = op._param_dict([c.view_as(p) for c, p in zip(torch.split(flat, op.sizes), op.params, strict=True)])
+        return torch.func.functional_call(model, theta, (tokens[:, :-1],)).reshape(-1, VOCAB)
+
+    with _sdpa_math():
+        J = torch.func.jacrev(logits_of)(flat0)  # [N, V, n]
+    p = torch.softmax(logits_of(flat0).detach(), -1)
+    N = p.shape[0]
+    Hout = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / N
+    G = torch.einsum("tvn,tvw,twm->nm", J, Hout, J)
+    V = torch.randn(n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(ggn.matmat(V), G @ V, rtol=1e-7, atol=1e-9)
+    assert float(torch.linalg.eigvalsh(G).min()) > -1e-10
+
+
+def test_operator_validation(gpt_case):
+    model, tokens, op, _ = gpt_case
+    with pytest.raises(ValueError, match="method"):
+        ModelHessian(model, tokens, method="bogus")
+    with pytest.raises(ValueError, match="probe_block"):
+        ModelHessian(model, tokens, probe_block=0)
+    with pytest.raises(TypeError, match="batch"):
+        ModelHessian(model, [3])
+    with pytest.raises(ValueError, match="unknown parameter"):
+        ModelHessian(model, tokens, params=["nope"])
+    with pytest.raises(ValueError, match="V must be"):
+        op.matmat(torch.zeros(3, 1, dtype=torch.float64))
+    sub = ModelHessian(model, tokens, params=["ln_f.weight", "ln_f.bias"])
+    assert sub.shape == (2 * 4, 2 * 4)
+
+
+# ----------------------------------------------------------------------------- estimators
+def test_hutchinson_and_hutchpp_within_3_stderr(exact_h):
+    exact = reference.spectral_trace_reference(exact_h, "identity")
+    for seed in (0, 1):
+        h = hutchinson_trace(exact_h, 60, seed=seed)
+        hpp = hutchpp_trace(exact_h, 60, seed=seed)
+        assert h.num_matvecs == 60 and hpp.num_matvecs == 60
+        _within(h, exact)
+        _within(hpp, exact)
+        assert hpp.stderr < h.stderr  # outlier eigenvalues: the sketch removes variance
+
+
+def test_hutchinson_on_model_operator(gpt_case):
+    _, _, op, H = gpt_case
+    exact = reference.spectral_trace_reference(H, "identity")
+    est = hutchinson_trace(op, 24, seed=7)
+    dense = hutchinson_trace(H, 24, seed=7)  # same probes -> same samples
+    assert est.value == pytest.approx(dense.value, rel=1e-9)
+    _within(est, exact)
+
+
+@pytest.mark.parametrize("f", ["identity", "sqrt_abs", "sqrt_clamped"])
+def test_slq_within_3_stderr(exact_h, f):
+    exact = reference.spectral_trace_reference(exact_h, f)
+    est = slq_trace(exact_h, f, num_probes=24, lanczos_steps=80, deflation_steps=100, seed=0)
+    _within(est, exact)
+    assert est.num_matvecs <= 24 * 80 + 100
+
+
+def test_slq_sqrt_abs_within_one_percent(exact_h):
+    exact = reference.spectral_trace_reference(exact_h, "sqrt_abs")
+    # 75 of the 348 eigenvalues are ~0, where sqrt|.| is not smooth: enough Lanczos steps keep the
+    # quadrature bias small, deflating the resolved part of the spectrum removes most variance.
+    for seed in (3, 4):
+        est = slq_trace(exact_h, "sqrt_abs", num_probes=24, lanczos_steps=80, deflation_steps=200, seed=seed)
+        assert abs(est.value / exact - 1) < 0.01, (est, exact)
+    plain = slq_trace(exact_h, "sqrt_abs", num_probes=48, lanczos_steps=80, seed=3)
+    _within(plain, exact)
+
+
+def test_slq_log_on_spd_matrix():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(200, 200, dtype=torch.float64, generator=g)
+    H = A @ A.T / 200 + 0.5 * torch.eye(200, dtype=torch.float64)
+    exact = reference.spectral_trace_reference(H, "log")
+    est = slq_trace(H, "log", num_probes=20, lanczos_steps=40)
+    _within(est, exact)
+    custom = slq_trace(H, lambda t: t**2, num_probes=20, lanczos_steps=40)
+    _within(custom, float((H @ H).trace()))
+
+
+def test_slq_full_krylov_is_exact_quadrature():
+    """With lanczos_steps >= n every probe's quadrature is exact: SLQ(identity) == Hutchinson."""
+    H = torch.diag(torch.linspace(-1, 5, 30, dtype=torch.float64))
+    a = slq_trace(H, "identity", num_probes=10, lanczos_steps=50)
+    b = hutchinson_trace(H, 10)
+    assert a.value == pytest.approx(b.value, rel=1e-10)
+    full = slq_trace(H, "sqrt_abs", num_probes=2, lanczos_steps=10, deflation_steps=40)
+    assert full.value == pytest.approx(reference.spectral_trace_reference(H, "sqrt_abs"), rel=1e-10)
+
+
+def test_stderr_is_calibrated():
+    """Across seeds, about 95% of Hutchinson estimates lie within 2 stderr (not a tautology)."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(60, 60, dtype=torch.float64, generator=g)
+    H = A + A.T
+    exact = float(H.trace())
+    hits = sum(abs((e := hutchinson_trace(H, 30, seed=s)).value - exact) <= 2 * e.stderr for s in range(40))
+    assert 32 <= hits <= 40
+
+
+def test_seeds_are_deterministic(exact_h):
+    a = hutchinson_trace(exact_h, 10, seed=5)
+    b = hutchinson_trace(exact_h, 10, seed=5, probe_block=3)
+    assert (b.value, b.stderr) == (pytest.approx(a.value, rel=1e-12), pytest.approx(a.stderr, rel=1e-9))
+    assert a.value != hutchinson_trace(exact_h, 10, seed=6).value
+
+
+def test_spectral_density(exact_h, tmp_path):
+    d = spectral_density(exact_h, num_probes=6, lanczos_steps=40, grid=2000)
+    mass = float(d.value.sum() * (d.grid[1] - d.grid[0]))
+    assert mass == pytest.approx(1.0, abs=2e-3)
+    lam = torch.linalg.eigvalsh(exact_h)
+    assert float(d.ritz_values[~d.ritz_values.isnan()].max()) == pytest.approx(float(lam.max()), rel=1e-6)
+    assert d.value.shape == d.stderr.shape == d.grid.shape
+    path = d.plot(str(tmp_path / "density.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert set(d.to_dict()) >= {"value", "stderr", "num_matvecs", "grid", "ritz_values"}
+
+
+def test_estimator_validation():
+    H = torch.eye(4)
+    with pytest.raises(ValueError, match="num_matvecs"):
+        hutchinson_trace(H, 0)
+    with pytest.raises(ValueError, match="num_matvecs"):
+        hutchpp_trace(H, 2)
+    with pytest.raises(ValueError, match="f must be one of"):
+        slq_trace(H, "cube", num_probes=2, lanczos_steps=2)
+    with pytest.raises(TypeError, match="matmat"):
+        hutchinson_trace(object(), 3)
+    with pytest.raises(ValueError, match="square"):
+        hutchinson_trace(torch.zeros(3, 4), 3)
+    with pytest.raises(TypeError, match="num_probes"):
+        slq_trace(H, num_probes=2.5, lanczos_steps=2)
+
+
+# ----------------------------------------------------------------------------- proxy Hessian + QuIP
+def test_proxy_hessian_operator():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(500, 40, generator=g) * torch.linspace(0.1, 3, 40)
+    op = ProxyHessian(X, chunk_rows=128)
+    H = X.double().T @ X.double() / 500
+    V = torch.randn(40, 3, generator=g)
+    torch.testing.assert_close(op.matmat(V).double(), H @ V.double(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(op.dense(), H, rtol=1e-5, atol=1e-5)
+    assert op.trace() == pytest.approx(float(H.trace()), rel=1e-10)
+    fast = hutchinson_trace(op, 48, seed=2)  # in-kernel probes
+    generic = hutchinson_trace(DenseOperator(H), 48, seed=2)  # materialised probes
+    assert fast.value == pytest.approx(generic.value, rel=1e-5)
+    _within(fast, float(H.trace()))
+
+
+def test_collect_proxy_hessians_and_quip_table(gpt_case):
+    model, tokens, _, _ = gpt_case
+    hs = collect_proxy_hessians(model, [tokens[:4], tokens[4:]])
+    assert "blocks.0.mlp.0" in hs and "lm_head" in hs
+    xs = []
+    h2 = model.blocks[0].mlp[0].register_forward_hook(lambda m, i, o: xs.append(i[0].detach().reshape(-1, 4)) and None)
+    with torch.no_grad():
+        model(tokens[:4, :-1])
+        model(tokens[4:, :-1])
+    h2.remove()
+    X = torch.cat(xs).double()
+    torch.testing.assert_close(hs["blocks.0.mlp.0"], X.T @ X / X.shape[0])
+
+    rows = quip_link_table(model, {"blocks.0.mlp.0": hs["blocks.0.mlp.0"]}, bits=(2, 4))
+    assert len(rows) == 2
+    for r in rows:
+        assert 0 < r["ldlq_gain"] <= 1 + 1e-12
+        assert r["predicted_ldlq"] <= r["predicted_nearest"] + 1e-15
+        assert r["measured_proxy_loss"] is None or r["measured_proxy_loss"] >= 0
+    assert rows[1]["predicted_ldlq"] < rows[0]["predicted_ldlq"]  # more bits, smaller loss
+    assert "gain" in format_table(rows)
+
+
+def test_sqrt_trace_stats_isotropic_gain_is_one():
+    stats = sqrt_trace_stats(3.0 * torch.eye(10, dtype=torch.float64))
+    assert stats["ldlq_gain"] == pytest.approx(1.0)
+    skew = sqrt_trace_stats(torch.diag(torch.tensor([100.0, 1e-4, 1e-4, 1e-4], dtype=torch.float64)))
+    assert skew["ldlq_gain"] < 0.3
