@@ -1,15 +1,17 @@
-"""`tokenbounds demo --tiny` end to end (seconds, no corpus install needed)."""
+"""`tokenbounds demo --tiny` end to end: outputs, honest accounting, cache reuse, --fresh."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
 
 import pytest
 from tokenbounds import LossStats
+from tokenbounds.bounds import from_stats, token_bound
 from tokenbounds.cli import build_parser, main
 
 
@@ -17,8 +19,8 @@ def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     out = capsys.readouterr().out
-    for opt in ("--cache-dir", "--out", "--tiny", "--corpus", "--vocab-size", "--steps", "--sample-tokens",
-                "--bits", "--delta", "--selection-bits", "--fresh", "--seed", "--sample-seed"):
+    for opt in ("--cache-dir", "--out", "--tiny", "--fresh", "--sample-tokens", "--delta", "--no-progress",
+                "--threads"):
         assert opt in out
     parser = build_parser()
     demo = parser._subparsers._group_actions[0].choices["demo"]
@@ -27,34 +29,150 @@ def test_help_documents_every_option(capsys):
             assert action.help, f"option {action.option_strings} has no help"
 
 
-def test_demo_tiny_end_to_end(tmp_path, capsys):
-    out = tmp_path / "run" / "result.json"
-    args = ["demo", "--tiny", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress"]
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    args = ["demo", "--tiny", "--cache-dir", str(root / "cache"), "--out", str(root / "out"), "--no-progress"]
+    t0 = time.perf_counter()
+    rc = main(args)
+    elapsed = time.perf_counter() - t0
+    assert rc == 0
+    return root, args, elapsed, json.loads((root / "out" / "results.json").read_text())
+
+
+def test_tiny_end_to_end_outputs(tiny_run):
+    root, _, elapsed, res = tiny_run
+    assert elapsed < 60
+    out = root / "out"
+    png = (out / "bounds.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    md = (out / "report.md").read_text()
+    assert md.count("\n| S |") >= 2 and "| L |" in md and "Honest accounting" in md
+    models = res["models"]
+    assert [m["name"] for m in models] == ["S", "M", "L"]
+    sizes = [m["parameters"] for m in models]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+    for m in models:
+        from tokenbounds.models.gpt import GPT, GPTConfig
+
+        gpt = GPT(GPTConfig(**m["config"]))
+        assert m["parameters"] == sum(p.numel() for p in gpt.parameters())
+        # every bound from_stats reports is there, each with its components summing to the total
+        labels = set(m["bounds"]["bounds"])
+        for lb in ("token (union, Hoeffding)", "Freedman (union, empirical Bernstein)",
+                   "token, official (lotfi-code, Hoeffding)", "top-1 error (hoeffding)"):
+            assert lb in labels
+        t = m["bounds"]["bounds"]["token (union, Hoeffding)"]
+        assert t["bound_bits"] == pytest.approx(t["empirical_bits"] + t["complexity_bits"] + t["sampling_bits"])
+        assert t["vacuous"] == (t["bound_bits"] >= math.log2(res["vocab_size"]))
+        # statistics saved for recomputation, s sampled tokens of the quantized model
+        stats = LossStats.from_json(open(m["stats_file"]).read())
+        assert stats.count == res["config"]["sample_tokens"] == res["sample"]["num_samples"]
+        assert m["training"]["steps"] >= 1 and m["training"]["tokens"] > 0
+        q = m["quantization"]
+        assert q["bits_per_parameter"] == pytest.approx(q["model_coded_bits"] / m["parameters"])
+        assert q["gap_nll_bits"] == pytest.approx(
+            m["losses"]["quantized_nll_bits_head"] - m["losses"]["unquantized_nll_bits_head"])
+
+
+def test_choice_cost_is_applied(tiny_run):
+    _, _, _, res = tiny_run
+    cfg = res["config"]
+    k = len(cfg["grid"])
+    assert k >= 2
+    for m in res["models"]:
+        cl = m["code_length"]
+        # C = coded model + tokenizer + architecture; extra = selection + log2 K
+        assert cl["coded_bits"] == pytest.approx(cl["model_bits"] + cl["tokenizer_bits"] + cl["architecture_bits"])
+        assert cl["extra_bits_detail"]["quantization_choice_bits"] == pytest.approx(math.log2(k))
+        assert cl["extra_bits"] == pytest.approx(cfg["selection_bits"] + math.log2(k))
+        q = m["quantization"]
+        assert q["num_candidates"] == k and len(q["candidates"]) == k
+        assert q["chosen"] == min(q["candidates"], key=lambda c: c["predicted_bound_bits"])["label"]
+        # the reported bounds are what from_stats gives with those bits, and paying raises them
+        table = from_stats(m["stats_file"], cl["coded_bits"], res["train_tokens_m"], delta=cfg["delta"],
+                           extra_bits=cl["extra_bits"], vocab_size=res["vocab_size"])
+        rep = m["bounds"]["bounds"]["token (union, Hoeffding)"]["bound_bits"]
+        assert table.bounds["token (union, Hoeffding)"].bound_bits == pytest.approx(rep, rel=1e-12)
+        st = LossStats.from_json(open(m["stats_file"]).read())
+        unpaid = token_bound(st.mean_bits, coded_bits=cl["coded_bits"], train_tokens=res["train_tokens_m"],
+                             sample_tokens=st.count, vocab_size=res["vocab_size"], delta=cfg["delta"],
+                             extra_bits=cfg["selection_bits"])
+        assert unpaid.bound_bits < rep
+        # the bound sample is not the selection sample
+        assert q["selection_sample"]["positions_sha256"] != res["sample"]["positions_sha256"]
+
+
+def test_bound_is_on_the_decoded_model(tiny_run):
+    """Decode the chosen model's message, evaluate it on the recorded sample: same statistics."""
+    import torch
+    from tokenbounds.eval.data import load_tokens
+    from tokenbounds.eval.sample import evaluate_sample, sample_tokens
+    from tokenbounds.models.gpt import GPT
+    from tokenbounds.quant import QuantizedModel
+
+    _, _, _, res = tiny_run
+    m = res["models"][-1]
+    qm = torch.load(m["quantization"]["file"], weights_only=False)
+    decoded = QuantizedModel.decode(qm.encode())
+    model = decoded.dequantized_model(GPT.load(os.path.join(m["cache_directory"], "model")))
+    corpus = res["corpus"]
+    tokens = load_tokens(os.path.join(corpus["directory"], "tokens.bin"), corpus["dtype"])
+    smp = sample_tokens(tokens, res["sample"]["num_samples"], context_length=res["config"]["context_length"],
+                        seed=res["sample"]["seed"], eot_id=corpus["eot_id"])
+    assert smp.digest() == res["sample"]["positions_sha256"]
+    st = evaluate_sample(model, tokens, smp)
+    saved = LossStats.from_json(open(m["stats_file"]).read())
+    assert st.count == saved.count
+    for a in saved.alphas:
+        assert st.mean_bits[a] == pytest.approx(saved.mean_bits[a], rel=1e-6)
+
+
+def test_rerun_reuses_cache(tiny_run, capsys):
+    root, args, first_elapsed, res = tiny_run
+    capsys.readouterr()
+    cached = sorted(os.path.join(d, f) for d, _, fs in os.walk(root / "cache" / "pipeline") for f in fs)
+    mtimes = {p: os.path.getmtime(p) for p in cached}
     t0 = time.perf_counter()
     assert main(args) == 0
     elapsed = time.perf_counter() - t0
-    assert elapsed < 60
     printed = capsys.readouterr().out
-    assert "token-level bound" in printed and str(out) in printed
-    res = json.loads(out.read_text())
-    b = res["bound"]
-    # the bound is the sum of its parts, evaluated on the quantized model
-    assert b["bound_bits"] == pytest.approx(b["empirical_bits"] + b["complexity_bits"] + b["sampling_bits"])
-    assert b["empirical_bits"] == pytest.approx(res["empirical_bits_quantized"][str(b["alpha"])])
-    v = res["inputs"]["vocab_size"]
-    assert res["uniform_baseline_bits"] == pytest.approx(math.log2(v))
-    assert res["vacuous"] == (b["bound_bits"] >= math.log2(v))
-    cl = res["code_length"]
-    assert cl["coded_bits"] == pytest.approx(cl["model"]["total_bits"] + cl["tokenizer_bits"])
-    assert res["inputs"]["train_tokens_m"] == res["corpus"]["n_tokens"] - 1
-    stats = LossStats.from_json((tmp_path / "run" / "stats.json").read_text())
-    assert stats.count == res["inputs"]["sample_tokens_s"] == res["sample"]["num_samples"]
+    assert printed.count("reusing the trained model") == 3 and "): training" not in printed
+    for p, t in mtimes.items():
+        if os.path.basename(p).startswith(("quant-", "train.json", "model.pt")):
+            assert os.path.getmtime(p) == t, f"{p} was rewritten"
+    res2 = json.loads((root / "out" / "results.json").read_text())
+    for a, b in zip(res["models"], res2["models"], strict=True):
+        assert a["bounds"]["best"]["bound_bits"] == b["bounds"]["best"]["bound_bits"]
+    assert elapsed < max(5.0, first_elapsed)
+    # another delta: the quantized candidates are reused, only the bounds (and the choice) change
+    quant = {p: t for p, t in mtimes.items() if os.path.basename(os.path.dirname(p)).startswith("quant-")}
+    assert len(quant) == 2 * 3 * len(res["config"]["grid"])
+    assert main([*args, "--delta", "0.1"]) == 0
+    assert all(os.path.getmtime(p) == t for p, t in quant.items())
+    res3 = json.loads((root / "out" / "results.json").read_text())
+    for a, b in zip(res["models"], res3["models"], strict=True):
+        assert b["bounds"]["best"]["bound_bits"] < a["bounds"]["best"]["bound_bits"]
 
-    # a rerun reuses the corpus and the trained model, and gives the same result
-    assert main(args) == 0
-    assert "reusing the trained model" in capsys.readouterr().out
-    res2 = json.loads(out.read_text())
-    assert res2["bound"]["bound_bits"] == res["bound"]["bound_bits"]
+
+def test_fresh_retrains(tiny_run, capsys):
+    root, args, _, res = tiny_run
+    capsys.readouterr()
+    assert main([*args, "--fresh"]) == 0
+    printed = capsys.readouterr().out
+    assert "reusing the trained model" not in printed and printed.count("): training") == 3
+    res2 = json.loads((root / "out" / "results.json").read_text())
+    # step-budgeted training is reproducible: retraining gives the same models and bounds
+    for a, b in zip(res["models"], res2["models"], strict=True):
+        assert b["bounds"]["best"]["bound_bits"] == pytest.approx(a["bounds"]["best"]["bound_bits"], rel=1e-9)
+
+
+def test_bad_arguments(tmp_path, capsys):
+    base = ["demo", "--tiny", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main([*base, "--delta", "1.5"]) == 2
+    assert "--delta" in capsys.readouterr().out
+    assert main([*base, "--sample-tokens", "1"]) == 2
+    assert "--sample-tokens" in capsys.readouterr().out
 
 
 def test_console_script_help():

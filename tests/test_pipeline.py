@@ -1,0 +1,116 @@
+"""Scaling pipeline helpers and the embedding quantizer (tokenbounds.quant.embedding)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tokenbounds.eval.pipeline import (
+    DEMO_CONFIG,
+    TINY_CONFIG,
+    PipelineConfig,
+    QuantChoice,
+    choice_cost_bits,
+    training_steps,
+)
+from tokenbounds.models.gpt import GPT, GPTConfig
+from tokenbounds.quant import QuantizedModel, quantize_model
+from tokenbounds.quant.embedding import compact_unquantized, quantize_embeddings
+
+
+def test_choice_cost_bits():
+    assert choice_cost_bits(1) == 0.0
+    assert choice_cost_bits(10) == pytest.approx(math.log2(10))
+    with pytest.raises(ValueError, match="num_candidates"):
+        choice_cost_bits(0)
+
+
+def test_training_steps_follow_the_token_rule():
+    cfg = PipelineConfig(tokens_per_parameter=20.0, batch_size=32, context_length=32)
+    n = 20_000
+    steps = training_steps(n, cfg)
+    assert (steps - 1) * 32 * 32 < 20 * n <= steps * 32 * 32
+    assert training_steps(n, PipelineConfig(max_steps=5)) == 5
+
+
+def test_demo_config_is_compute_optimal_and_paid():
+    cfg = DEMO_CONFIG
+    assert cfg.tokens_per_parameter == 20.0 and cfg.max_steps is None
+    assert cfg.sample_tokens >= 100_000 and len(cfg.sizes) == 3
+    ns = [GPTConfig(vocab_size=cfg.vocab_size, context_length=cfg.context_length, n_layer=s.n_layer,
+                    n_head=s.n_head, d_model=s.d_model).num_parameters() for s in cfg.sizes]
+    assert ns == sorted(ns) and ns[-1] > 4 * ns[0]
+    labels = [c.label for c in cfg.grid]
+    assert len(set(labels)) == len(labels) >= 8
+    assert {"e8", "uniform"} == {c.codebook for c in cfg.grid} and {"ldlq", "rtn"} == {c.method for c in cfg.grid}
+    assert cfg.select_seed != cfg.sample_seed
+    assert len(TINY_CONFIG.grid) >= 2
+    assert QuantChoice("uniform", 3, "ldlq").label == "uniform3-ldlq"
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, context_length=16, n_layer=1, n_head=2, d_model=16))
+    calib = torch.randint(0, 64, (4, 16))
+    return model, calib
+
+
+def test_quantize_embeddings_codes_the_position_embedding(small_model):
+    model, calib = small_model
+    qm = quantize_model(model, calib, bits=4, method="rtn", progress=False)
+    assert "pos_emb.weight" in qm.unquantized and "tok_emb.weight" in qm.tied  # token emb via lm_head
+    qe = quantize_embeddings(model, qm, bits=4, method="rtn")
+    assert "pos_emb.weight" in qe.layers and "pos_emb.weight" not in qe.unquantized
+    assert "pos_emb.weight" in qm.unquantized  # the input is not modified
+    assert qe.coded_bits < qm.coded_bits
+    # saves about 32 - ~4 bits per position-embedding entry
+    n = model.pos_emb.weight.numel()
+    assert qm.coded_bits - qe.coded_bits > 20 * n
+    deq = qe.dequantized_model(model)
+    w, wq = model.pos_emb.weight.detach(), deq.pos_emb.weight.detach()
+    assert not torch.equal(w, wq)
+    assert float((w - wq).pow(2).mean() / w.pow(2).mean()) < 0.05
+    # round trip of the whole message reproduces the decoded model bit-exactly
+    back = QuantizedModel.decode(qe.encode())
+    sd1, sd2 = qe.dequantized_state_dict(), back.dequantized_state_dict()
+    assert sd1.keys() == sd2.keys()
+    for k in sd1:
+        assert torch.equal(sd1[k], sd2[k]), k
+
+
+def test_tied_head_is_recoded_with_identity_hessian(small_model):
+    from tokenbounds.quant import quantize_weight
+
+    model, calib = small_model
+    qm = quantize_model(model, calib, bits=3, method="ldlq", progress=False)
+    head = qm.layers["lm_head.weight"]
+    qe = quantize_embeddings(model, qm, bits=3, method="ldlq")
+    expected = quantize_weight(model.lm_head.weight.detach(), None, bits=3, method="ldlq", seed=head.seed)
+    assert torch.equal(qe.layers["lm_head.weight"].codes, expected.codes)
+    assert not torch.equal(head.codes, expected.codes)  # the head Hessian gave other codes
+    assert qe.config["embeddings"]["recoded_tied"] == ["lm_head.weight"]
+    kept = quantize_embeddings(model, qm, bits=3, method="ldlq", recode_tied=False)
+    assert kept.layers["lm_head.weight"] is head
+    # the decoded model shares the recoded weight between embedding and head
+    deq = qe.dequantized_model(model)
+    assert deq.tok_emb.weight is deq.lm_head.weight
+    assert torch.equal(deq.lm_head.weight.detach(), expected.dequantize())
+
+
+def test_compact_unquantized_halves_the_kept_tensors(small_model):
+    model, calib = small_model
+    qm = quantize_embeddings(model, quantize_model(model, calib, bits=4, method="rtn", progress=False))
+    qc = compact_unquantized(qm)
+    d0, d1 = qm.coded_bits_detail, qc.coded_bits_detail
+    assert d1["unquantized_bits"] == pytest.approx(d0["unquantized_bits"] / 2)
+    assert d1["quantized_bits"] == d0["quantized_bits"]
+    deq = qc.dequantized_model(model)
+    assert deq.ln_f.weight.dtype == torch.float32  # loaded into the model's dtype
+    assert torch.equal(deq.ln_f.bias, model.ln_f.bias.detach().half().float())
+    big = QuantizedModel(layers={}, unquantized={"x": torch.tensor([1e6])})
+    with pytest.raises(ValueError, match="overflows"):
+        compact_unquantized(big)
+    with pytest.raises(TypeError, match="QuantizedModel"):
+        compact_unquantized({"x": 1})
