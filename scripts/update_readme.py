@@ -3,7 +3,8 @@ script produced:
 
     <!-- results:losses -->  ...  <!-- /results:losses -->
 
-is replaced by benchmarks/results/losses.md. Run after `make bench`:
+is replaced by benchmarks/results/losses.md (and `results:demo` by the summary table of
+runs/demo/report.md). Run after `make bench` / `make demo`:
     python scripts/update_readme.py
 """
 
@@ -25,11 +26,16 @@ def main() -> int:
     def fill(match: re.Match) -> str:
         name = match.group(1)
         result = os.path.join(ROOT, "benchmarks", "results", f"{name}.md")
+        if name == "demo":
+            result = os.path.join(ROOT, "runs", "demo", "report.md")
         if not os.path.exists(result):
             missing.append(name)
             return match.group(0)
         with open(result) as f:
             body = f.read().strip()
+        if name == "demo":  # the corpus line and the summary table, up to the first subsection
+            body = body.split("\n## ", 1)[0].split("\n", 1)[1].strip()
+            body += "\n\n(`make demo`; full report in runs/demo/report.md)"
         return f"<!-- results:{name} -->\n{body}\n<!-- /results:{name} -->"
 
     text = re.sub(r"<!-- results:([\w.-]+) -->.*?<!-- /results:\1 -->", fill, text, flags=re.S)
