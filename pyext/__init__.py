@@ -19,6 +19,7 @@ _LAZY = {
     "linear_smoothed_nll": ("tokenbounds.ops.losses", "linear_smoothed_nll"),
     "available_backends": ("tokenbounds.ops", "available_backends"),
     "hadamard_transform": ("tokenbounds.ops.hadamard", "hadamard_transform"),
+    "patch_model": ("tokenbounds.eval.hf", "patch_model"),
 }
 
 __all__ = ["DEFAULT_ALPHAS", "TOPK", "LossStats", "TokenLosses", *_LAZY]

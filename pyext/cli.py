@@ -9,9 +9,11 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "demo": "Train a small GPT on an offline corpus, quantize it and print its token-level bound.",
+    "demo": "Train 3 small GPTs at D = 20 N, quantize each (best of a paid grid), report every bound vs size.",
     "bound": "Compute every bound from saved evaluation statistics (stats.json).",
     "hessian": "Estimate Hessian trace / spectrum of a model's token loss; writes JSON + a PNG.",
+    "evaluate": "Evaluate a local model on sampled training tokens: stats, every bound, report, plots.",
+    "plan": "Estimate time, memory and GPUs for an evaluation from a roofline model.",
 }
 
 
