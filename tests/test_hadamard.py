@@ -59,7 +59,7 @@ def test_factorization_and_padding():
     assert hadamard_factor(40 * 64) == (20, 128)
     assert hadamard_factor(5120) == (20, 256)
     assert hadamard_factor(108 * 8) == (108, 8)
-    assert hadamard_factor(6) is None and hadamard_factor(156) is None and hadamard_factor(0) is None
+    assert hadamard_factor(6) is None and hadamard_factor(44) is None and hadamard_factor(0) is None
     assert next_supported_size(768) == 768  # 12 * 64 (GPT-2 width)
     assert next_supported_size(3072) == 3072
     assert next_supported_size(50257) > 50257 and hadamard_factor(next_supported_size(50257))
@@ -155,7 +155,7 @@ def test_noncontiguous_leading_dims_and_empty():
         (dict(x=[1.0, 2.0]), TypeError, "torch.Tensor"),
         (dict(x=torch.ones(4, dtype=torch.int64)), TypeError, "float32"),
         (dict(x=torch.ones(6)), ValueError, "pad the last dimension to 8"),
-        (dict(x=torch.ones(156)), ValueError, "Williamson"),
+        (dict(x=torch.ones(44)), ValueError, "no Hadamard construction for K = 44"),
         (dict(x=torch.ones(0)), ValueError, "empty last dimension"),
         (dict(x=torch.tensor(1.0)), ValueError, "at least one dimension"),
         (dict(x=torch.ones(4), scale=0.0), ValueError, "scale"),
@@ -175,7 +175,12 @@ def test_validation(kwargs, exc, match):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n", [64, 12 * 128, 4096, 20 * 2048, 65536])
+@pytest.mark.parametrize(
+    "n",
+    # Rows above 49152 leave the CUDA kernel for Triton's one-tile kernel, which took minutes to
+    # compile/run at 65536 on an H100: kept, but out of the fast suite until that path is tiled.
+    [64, 12 * 128, 4096, 20 * 2048, pytest.param(65536, marks=pytest.mark.slow)],
+)
 def test_cuda_matches_dense(dtype, n):
     x = torch.randn(5, n, device="cuda").to(dtype)
     for backend in available_backends("hadamard_transform", "cuda"):

@@ -30,8 +30,9 @@ def _hadamard_kernel(x_ptr, out_ptr, hk_ptr, scale, n, K: tl.constexpr, M: tl.co
     else:
         x = x.to(tl.float32)
     for s in tl.static_range(LOG_M):
-        h: tl.constexpr = 1 << s
-        y = tl.reshape(x, (K_PAD, M_PAD // (2 * h), 2, h))
+        # 1 << s inline: a `h: tl.constexpr` re-bound each unrolled iteration is rejected by the
+        # Triton 3.6 compiler ("constexpr cannot be reassigned"; the interpreter accepts it)
+        y = tl.reshape(x, (K_PAD, M_PAD // (2 << s), 2, 1 << s))
         y = tl.permute(y, (0, 1, 3, 2))
         lo, hi = tl.split(y)
         y = tl.join(lo + hi, lo - hi)

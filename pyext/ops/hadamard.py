@@ -18,7 +18,6 @@ import torch
 from .. import reference
 from ..quant.hadamard_matrices import (
     SUPPORTED_BASES,
-    UNSUPPORTED_BASES,
     base_hadamard,
     hadamard_factor,
     next_supported_size,
@@ -73,9 +72,7 @@ def _check_size(n: int) -> tuple[int, int]:
         odd = n
         while odd and odd % 2 == 0:
             odd //= 2
-        extra = ""
-        if 4 * odd in UNSUPPORTED_BASES:
-            extra = f" (K = {4 * odd} needs a Williamson-type construction, which is not implemented)"
+        extra = f" (no Hadamard construction for K = {4 * odd} here)" if odd and n % (4 * odd) == 0 else ""
         raise ValueError(
             f"x.shape[-1] = {n} is not K * 2^k for a supported K in {SUPPORTED_BASES}{extra}; "
             f"pad the last dimension to {next_supported_size(n)} (tokenbounds.quant.next_supported_size)"
@@ -106,7 +103,7 @@ def hadamard_transform(
 
     Args:
         x: [..., n] float32 / bfloat16 / float16 / float64, n = K * 2^k with K in
-            (1, 12, 20, 28, 36, 40, 52, 60, 108, 140) (pad other sizes to
+            (1, 12, 20, 28, 36, 40, 52, 60, 108, 140, 156, 172) (pad other sizes to
             :func:`tokenbounds.quant.next_supported_size`).
         scale: multiplier (default 1/sqrt(n): an orthogonal transform).
         seed: if given, the randomized transform with signs s drawn from (seed, stream) by a

@@ -7,6 +7,20 @@ D8 (round every coordinate; if the sum is odd, re-round the coordinate with the 
 error the other way), do the same for x - 1/2 and add 1/2 back, keep the closer of the two.
 QuIP# (Tseng et al. 2024) uses a 2^16-entry E8 ball ("E8P") searched exhaustively; here the whole
 scaled lattice is used and the codes are entropy-coded, so the rate is set by the scale.
+
+What ``bits`` means for the E8 codebook (``quantize_weight(..., codebook="e8", bits=b)``):
+it is an *entropy target*, not a fixed-length code. QuIP#'s E8P spends exactly 16 bits per 8
+weights (2 bits/weight) on an index into a fixed 2^16-point codebook. Here each row r gets the
+scale s_r = c * rms(W_r) (float16), with one global c found by bisection so that the empirical
+entropy of the round-to-nearest E8 points of W / s (the three streams of :func:`e8_to_streams`,
+sampled rows) is b bits per weight. The *coded* size is then whatever the range coder spends on
+the actual codes, which differs from b because (1) LDLQ's error feedback changes the code
+statistics (RTN codes at that scale have entropy b, LDLQ codes do not), (2) the coder's level
+counts, headers and the float16 scales are added, and (3) the bisection used a row sample.
+So compare E8 with other codebooks through ``QuantizedWeight.bits_per_weight`` (the honest coded
+rate), never through ``bits``; ``benchmarks/bench_quant.py`` tunes the E8 scale so that coded
+rates match within 2%. For the uniform grid, ``bits`` is exact: 2^bits levels, and the coded
+rate is at most about ``bits`` per weight (entropy coding only removes redundancy).
 """
 
 from __future__ import annotations
@@ -82,8 +96,9 @@ def uniform_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[t
     """
     L = uniform_levels(bits)
     half = (L - 1) / 2
-    j = torch.clamp(torch.round(x / scale + half), 0, L - 1)
-    return (j - half) * scale, j.to(torch.int64)
+    j = torch.div(x, scale).add_(half).round_().clamp_(0, L - 1)  # in place: half the memory traffic
+    codes = j.to(torch.int64)
+    return j.sub_(half).mul_(scale), codes
 
 
 def uniform_dequantize(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

@@ -10,9 +10,14 @@ A Hadamard matrix H of order n has entries +-1 and H H^T = n I. Orders used by m
   C = [[0, 1^T], [1, Q]] (symmetric conference matrix), H = C (x) [[1, 1], [1, -1]] + I (x)
   [[1, -1], [-1, -1]]. Gives 28 (q=13), 36 (17), 52 (25 = 5^2, arithmetic in GF(5)[t]/(t^2-2)).
 * Kronecker products: 40 = 2 x 20 is handled as 20 x 2^(k+1).
-
-Orders 156 = 4 * 39 and 172 = 4 * 43 are not reachable by Paley or Sylvester and need
-Williamson-type constructions; they are not built here (:func:`hadamard_factor` says so).
+* 4n from Williamson matrices (Williamson 1944): four symmetric circulant n x n +-1 matrices
+  A, B, C, D (they commute) with A^2 + B^2 + C^2 + D^2 = 4n I give
+  H = [[A, B, C, D], [-B, A, -D, C], [-C, D, A, -B], [-D, -C, B, A]]. Gives 156 (n = 39) and
+  172 (n = 43; Llama's 11008 = 172 * 64), which Paley and Sylvester cannot reach. The first rows
+  are published data (n = 43: M. Hall, "Combinatorial Theory", 2nd ed. 1983; n = 39:
+  S. London, PhD thesis, UIC 2013; as tabulated in SageMath's hadamard_matrix.py); a symmetric
+  circulant is fixed by its first (n + 1) / 2 entries, which is all that is stored
+  (:data:`WILLIAMSON_HALF_ROWS`).
 
 Every n = K * 2^k used by :func:`tokenbounds.hadamard_transform` is decomposed as
 H_n = H_K (x) H_{2^k} with the unique base K = 4 * odd(n) (or K = 1 for a power of two).
@@ -34,10 +39,21 @@ _BASES: dict[int, tuple[str, int]] = {
     60: ("paley1", 59),
     108: ("paley1", 107),
     140: ("paley1", 139),
+    156: ("williamson", 39),
+    172: ("williamson", 43),
 }
 SUPPORTED_BASES: tuple[int, ...] = (1, *sorted(_BASES))
 """Base orders K with a construction here; n = K * 2^k is supported (40 = 20 * 2 included)."""
-UNSUPPORTED_BASES: tuple[int, ...] = (156, 172)
+UNSUPPORTED_BASES: tuple[int, ...] = ()
+"""Kept for backward compatibility: every base order K of issue 4 is now constructed."""
+
+WILLIAMSON_HALF_ROWS: dict[int, tuple[str, str, str, str]] = {
+    # entries 0 .. (n - 1) / 2 of the first rows of A, B, C, D ('+' = 1, '-' = -1); the rest
+    # follow from symmetry a_i = a_(n - i). Checked: sum of the four PAFs is 0 at every shift != 0.
+    39: ("+++--+-+-----+--++--", "+++--++-+---+-+--+--", "++++---+--++----+-+-", "+---++-+-+-----+++-+"),
+    43: ("++---++++-+--+--++----", "+++-+-++--+-+-++++-+--", "++-++++++----+-+--++-+",
+         "+---++--++++-+-+++-++-"),
+}
 
 
 def _is_pow2(n: int) -> bool:
@@ -137,12 +153,43 @@ def _paley2(q: int) -> np.ndarray:
     return np.kron(C, np.array([[1, 1], [1, -1]])) + np.kron(np.eye(n, dtype=np.int64), np.array([[1, -1], [-1, -1]]))
 
 
+def williamson_first_rows(n: int) -> np.ndarray:
+    """First rows [4, n] (int64, +-1) of the symmetric circulant Williamson matrices A, B, C, D."""
+    if n not in WILLIAMSON_HALF_ROWS:
+        raise ValueError(f"no Williamson matrices of order {n} stored; have {sorted(WILLIAMSON_HALF_ROWS)}")
+    rows = np.empty((4, n), dtype=np.int64)
+    for r, half in enumerate(WILLIAMSON_HALF_ROWS[n]):
+        h = np.array([1 if c == "+" else -1 for c in half], dtype=np.int64)
+        assert h.size == (n + 1) // 2
+        rows[r, : h.size] = h
+        rows[r, h.size:] = h[1: n - h.size + 1][::-1]  # a_i = a_(n-i)
+    return rows
+
+
+def periodic_autocorrelation(row: np.ndarray) -> np.ndarray:
+    """PAF_a(s) = sum_i a_i a_(i+s mod n), s = 0..n-1 (the first row of the circulant C C^T)."""
+    a = np.asarray(row, dtype=np.int64)
+    return np.array([int(a @ np.roll(a, -s)) for s in range(a.size)], dtype=np.int64)
+
+
+def circulant(row: np.ndarray) -> np.ndarray:
+    """Circulant matrix with first row ``row``: C_ij = row[(j - i) mod n]."""
+    row = np.asarray(row)
+    n = row.size
+    return row[(np.arange(n)[None, :] - np.arange(n)[:, None]) % n]
+
+
+def _williamson(n: int) -> np.ndarray:
+    a, b, c, d = (circulant(r) for r in williamson_first_rows(n))
+    return np.block([[a, b, c, d], [-b, a, -d, c], [-c, d, a, -b], [-d, -c, b, a]])
+
+
 @functools.cache
 def _base_matrix(k: int) -> np.ndarray:
     if k == 1:
         return np.ones((1, 1), dtype=np.int8)
     kind, q = _BASES[k]
-    h = _paley1(q) if kind == "paley1" else _paley2(q)
+    h = {"paley1": _paley1, "paley2": _paley2, "williamson": _williamson}[kind](q)
     assert h.shape == (k, k)
     return h.astype(np.int8)
 
