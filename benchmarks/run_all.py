@@ -33,7 +33,17 @@ def main() -> int:
                     cmd.append("--quick")
         print(f"== {' '.join(cmd)}", flush=True)
         t0 = time.time()
-        rc = subprocess.call(cmd)
+        # Tee the output to benchmarks/results/<stem>.txt, which the README quotes for scripts
+        # that print their tables instead of writing markdown.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            lines.append(line)
+        rc = proc.wait()
+        if not rc and not args.quick:
+            with open(os.path.join(HERE, "results", f"{stem}.txt"), "w") as f:
+                f.write(f"$ python benchmarks/{stem}.py\n" + "".join(lines))
         print(f"== {stem}: exit {rc} in {time.time() - t0:.0f} s", flush=True)
         if rc:
             failures.append(stem)

@@ -28,6 +28,10 @@ def main() -> int:
         result = os.path.join(ROOT, "benchmarks", "results", f"{name}.md")
         if name == "demo":
             result = os.path.join(ROOT, "runs", "demo", "report.md")
+        text_output = result[:-3] + ".txt"
+        if not os.path.exists(result) and os.path.exists(text_output):
+            with open(text_output) as f:
+                return f"<!-- results:{name} -->\n```text\n{f.read().strip()}\n```\n<!-- /results:{name} -->"
         if not os.path.exists(result):
             missing.append(name)
             return match.group(0)

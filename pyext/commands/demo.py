@@ -40,21 +40,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "OpenMP threads competing for cores run many times slower, else torch's default)")
 
 
-def _choose_threads(requested: int) -> int:
-    import os
-
-    import torch
-
-    if requested > 0:
-        return requested
-    default = torch.get_num_threads()
-    try:
-        busy = os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5
-    except OSError:
-        busy = False
-    return 1 if busy else default
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
@@ -96,7 +81,9 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         changes["delta"] = args.delta
     cfg = dataclasses.replace(cfg, **changes)
-    threads = _choose_threads(args.threads)
+    from tokenbounds.eval.runtime import choose_threads
+
+    threads = choose_threads(args.threads)
     torch.set_num_threads(threads)
     print(f"tokenbounds demo: {len(cfg.sizes)} models, D = {cfg.tokens_per_parameter:g} N tokens each, "
           f"{len(cfg.grid)} quantizer candidates, s = {cfg.sample_tokens:,} sampled tokens, "

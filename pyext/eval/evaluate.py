@@ -593,8 +593,9 @@ def _evaluate(opts, world, torch, D, FusedHead):
     os.makedirs(opts.out, exist_ok=True)
     D.barrier(world)
     _setup_logging(opts.out, world)
-    if opts.threads:
-        torch.set_num_threads(int(opts.threads))
+    from .runtime import choose_threads
+
+    torch.set_num_threads(choose_threads(opts.threads))
     if opts.batch_size < 1 or opts.checkpoint_every < 1:
         raise ValueError("--batch-size and --checkpoint-every must be >= 1")
     if sum(x is not None for x in (opts.bits, opts.coded_bits, opts.bits_per_param)) > 1:
