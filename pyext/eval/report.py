@@ -71,7 +71,7 @@ def _plots(out: str, table, evaluation: dict[str, Any]) -> list[str]:
     ax.invert_yaxis()
     ax.set_xlabel("bits per token")
     ax.set_title("Bound decomposition")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.tight_layout()
     path = os.path.join(out, "bound_decomposition.png")
     fig.savefig(path, dpi=110)
