@@ -3,18 +3,22 @@
 Same estimator (Hutchinson / Hutch++, Rademacher), same number of matvecs, same model and batch.
 Time per matvec is measured side by side in this process (interleaved repeats, best of);
 peak memory is measured in a fresh subprocess per library (peak RSS above the RSS after building
-the model and batch; tracemalloc does not see torch's allocator). Also times the gram kernels.
+the model and batch and one warm-up estimate, by benchmarks/_common.py::peak_rss_mib_of).
+Also times the gram kernels.
 
-    python benchmarks/bench_hessian.py [--matvecs 12] [--repeats 2] [--json out.json]
+    python benchmarks/bench_hessian.py [--matvecs 12] [--repeats 3] [--threads 1] [--json out.json]
+
+--threads 1 gives stable timings on a loaded 2-core machine: there, with 2 threads every op waits
+at an OpenMP barrier for a descheduled thread and the ratios are noise (BENCH_OURS picks our
+variants, e.g. BENCH_OURS=tokenbounds-autograd:4,tokenbounds-func:12).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import resource
-import subprocess
 import sys
 import time
 
@@ -24,14 +28,15 @@ import torch.nn as nn
 PEERS = os.environ.get("BENCH_PEERS") or os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-peers", "lib", "python3.11", "site-packages")
 
+from _common import peak_rss_mib_of  # noqa: E402
 from tokenbounds.hessian import ModelHessian, hutchinson_trace, hutchpp_trace  # noqa: E402
 from tokenbounds.hessian.operators import _sdpa_math  # noqa: E402
 from tokenbounds.models.gpt import GPT, GPTConfig  # noqa: E402
 
 CFG = GPTConfig(vocab_size=512, context_length=64, n_layer=2, n_head=4, d_model=96)
 BATCH, SEQ = 4, 64
-PROBE_BLOCK = int(os.environ.get("BENCH_PROBE_BLOCK", "4"))
-OURS = ("tokenbounds-autograd", "tokenbounds-func")
+# "tokenbounds-<method>[:<probe_block>]"; without ":k" the library's default probe_block.
+OURS = tuple(os.environ.get("BENCH_OURS", "tokenbounds-autograd,tokenbounds-func").split(","))
 
 
 def setup():
@@ -63,10 +68,13 @@ def runner(lib: str, estimator: str, matvecs: int, model, x, y):
     """A zero-argument callable doing one full estimate, plus its setup (not timed)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if lib.startswith("tokenbounds"):
-        method = lib.split("-")[1] if "-" in lib else "autograd"
+        name, _, block = lib.partition(":")
+        kwargs = {"method": name.split("-")[1] if "-" in name else "autograd"}
+        if block:
+            kwargs["probe_block"] = int(block)
 
         def run():
-            op = ModelHessian(model, (x, y), probe_block=PROBE_BLOCK, method=method)
+            op = ModelHessian(model, (x, y), **kwargs)
             est = hutchinson_trace if estimator == "hutchinson" else hutchpp_trace
             return est(op, matvecs).value
         return run
@@ -91,7 +99,13 @@ def runner(lib: str, estimator: str, matvecs: int, model, x, y):
 
         def run():
             h = hessian(flat, nn.CrossEntropyLoss(), data=(x, y.reshape(-1)), cuda=False)
-            return float(sum(h.trace(maxIter=matvecs, tol=-1.0)) / matvecs)  # tol < 0: exactly maxIter
+            # PyHessian stops when |mean_k - mean_{k-1}| / (mean_{k-1} + 1e-6) < tol, without abs() in
+            # the denominator: for a negative trace (this model at initialization) any tol > -inf
+            # can stop it after 2 probes. tol=-inf forces exactly maxIter probes.
+            samples = h.trace(maxIter=matvecs, tol=-math.inf)
+            if len(samples) != matvecs:
+                raise RuntimeError(f"PyHessian used {len(samples)} probes, not {matvecs}")
+            return float(sum(samples) / len(samples))
         return run
     raise ValueError(lib)
 
@@ -108,46 +122,23 @@ def available(lib: str) -> bool:
         return False
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) so it covers only what follows (Linux >= 4.0)."""
+def peak_memory_mib(lib: str, estimator: str, matvecs: int, threads: int) -> float | None:
+    """Extra peak RSS (MiB) of one full estimate, in a fresh process (benchmarks/_common.py's
+    sampler thread on /proc/self/statm); model, batch, imports and a warm-up estimate are setup."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    setup_code = (
+        f"import sys; sys.path.insert(0, {here!r}); import torch; torch.set_num_threads({threads})\n"
+        "import bench_hessian as B; B.add_peers()\n"
+        f"model, x, y = B.setup(); run = B.runner({lib!r}, {estimator!r}, {matvecs}, model, x, y); run()"
+    )
+    # A fixed mmap threshold turns off glibc's adaptive one, under which the warm-up's freed
+    # blocks stay in the heap and hide the measured run's peak (curvlinops Hutch++ read 2 MiB).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def worker(lib: str, estimator: str, matvecs: int) -> None:
-    """Subprocess: peak RSS (MB) of one estimate above the RSS after setup."""
-    add_peers()
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    model, x, y = setup()
-    run = runner(lib, estimator, matvecs, model, x, y)
-    run()  # warm-up (lazy imports, allocator pools), then measure a fresh estimate
-    import gc
-
-    gc.collect()
-    base = rss_mb()
-    reset_peak_rss()
-    t = time.perf_counter()
-    value = run()
-    secs = time.perf_counter() - t
-    peak = peak_rss_mb()
-    print(json.dumps({"peak_mb": peak - base, "value": value, "seconds": secs}))
+        return peak_rss_mib_of("run()", setup_code)
+    except RuntimeError as err:
+        print(f"note: memory run for {lib} failed: {str(err)[-300:]}")
+        return None
 
 
 def gram_table(rows: list) -> None:
@@ -191,14 +182,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--worker", nargs=3, metavar=("LIB", "EST", "M"))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.worker:
-        worker(args.worker[0], args.worker[1], int(args.worker[2]))
-        return 0
 
     model, x, y = setup()
     n = sum(p.numel() for p in model.parameters())
@@ -220,17 +207,11 @@ def main() -> int:
             row = {"estimator": estimator, "library": lib, "ms_per_matvec": 1e3 * min(times[lib]) / args.matvecs,
                    "value": values[lib]}
             if not args.no_memory:
-                out = subprocess.run([sys.executable, __file__, "--worker", lib, estimator, str(args.matvecs)],
-                                     capture_output=True, text=True, env={**os.environ, "BENCH_THREADS": str(torch.get_num_threads())})
-                try:
-                    row["peak_mb"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
-                except (IndexError, json.JSONDecodeError, KeyError):
-                    row["peak_mb"] = None
-                    print(f"note: memory worker for {lib} failed: {out.stderr[-300:]}")
+                row["peak_mb"] = peak_memory_mib(lib, estimator, args.matvecs, torch.get_num_threads())
             results.append(row)
 
     ref = {r["estimator"]: r for r in results if r["library"] == OURS[0]}
-    print(f"ours = {OURS[0]} (probe_block={PROBE_BLOCK})")
+    print(f"ours = {OURS[0]}")
     print(f"\n{'estimator':10s} {'library':20s} {'ms/matvec':>10s} {'ours/peer time':>15s} {'peak MB':>9s} "
           f"{'ours/peer mem':>14s} {'estimate':>10s}")
     for r in results:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 import torch
 from hypothesis import given
@@ -11,13 +14,32 @@ from tokenbounds.ops import gram as G
 from tokenbounds.ops._dispatch import available_backends
 
 BACKENDS = [b for b in available_backends("gram_accumulate_", "cpu")]
+# "cpu-tile": the C++ kernel's SIMD tile path (TOKENBOUNDS_GRAM_PATH=tile) instead of its BLAS path.
+GRAM_BACKENDS = BACKENDS + (["cpu-tile"] if "cpu" in BACKENDS else [])
 
 
 def _backend_param(b):
     return pytest.param(b, marks=pytest.mark.triton) if b == "triton" else b
 
 
-@pytest.mark.parametrize("backend", [_backend_param(b) for b in BACKENDS])
+@contextlib.contextmanager
+def _gram_path(backend: str):
+    """Yield the dispatch backend name, with TOKENBOUNDS_GRAM_PATH set for the "cpu-tile" case."""
+    if backend != "cpu-tile":
+        yield backend
+        return
+    old = os.environ.get("TOKENBOUNDS_GRAM_PATH")
+    os.environ["TOKENBOUNDS_GRAM_PATH"] = "tile"
+    try:
+        yield "cpu"
+    finally:
+        if old is None:
+            del os.environ["TOKENBOUNDS_GRAM_PATH"]
+        else:
+            os.environ["TOKENBOUNDS_GRAM_PATH"] = old
+
+
+@pytest.mark.parametrize("backend", [_backend_param(b) for b in GRAM_BACKENDS])
 @given(
     n=st.integers(1, 70),
     d=st.integers(1, 53),
@@ -30,12 +52,33 @@ def test_gram_accumulate_matches_reference(backend, n, d, dtype, acc_dtype, seed
     x = (torch.randn(n, d, generator=g) * 3).to(dtype)
     acc = torch.randn(d, d, generator=g, dtype=acc_dtype)
     before = acc.clone()
-    G.gram_accumulate_(acc, x, backend=backend)
+    with _gram_path(backend) as b:
+        G.gram_accumulate_(acc, x, backend=b)
     ref = reference.gram_accumulate_reference(before, x)
     scale = float((x.double() ** 2).sum(0).max()) + 1.0
     tol = (2e-5 if acc_dtype == torch.float32 else 1e-10) * scale
     assert float((torch.triu(acc).double() - torch.triu(ref)).abs().max()) <= tol
     assert torch.equal(torch.tril(acc, -1), torch.tril(before, -1))  # lower triangle untouched
+
+
+@pytest.mark.parametrize("path", ["cpu", "cpu-tile"])
+@pytest.mark.parametrize("dtype,acc_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                             (torch.float32, torch.float64), (torch.float64, torch.float64)])
+def test_gram_accumulate_wide(path, dtype, acc_dtype):
+    """d = 700 > 2 x 256: the BLAS path's upper tiles, partial edge tiles, strided rows."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("extension not built")
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(90, 760, generator=g) * 2).to(dtype)[:, 30:730]  # row stride 760 != d
+    acc = torch.randn(700, 700, generator=g, dtype=acc_dtype)
+    before = acc.clone()
+    with _gram_path(path) as b:
+        G.gram_accumulate_(acc, x, backend=b)
+    ref = reference.gram_accumulate_reference(before, x)
+    scale = float((x.double() ** 2).sum(0).max()) + 1.0
+    tol = (2e-5 if acc_dtype == torch.float32 else 1e-10) * scale
+    assert float((torch.triu(acc).double() - torch.triu(ref)).abs().max()) <= tol
+    assert torch.equal(torch.tril(acc, -1), torch.tril(before, -1))
 
 
 @pytest.mark.parametrize("backend", [_backend_param(b) for b in BACKENDS])

@@ -29,6 +29,16 @@ from tokenbounds.models.gpt import GPT, GPTConfig
 VOCAB = 16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Every operator here is <= 348 wide, so a second OpenMP thread only adds a barrier per op;
+    on a shared 2-core machine that barrier waits for a descheduled thread (17x slower suite)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _trained_gpt() -> tuple[GPT, torch.Tensor]:
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=VOCAB, context_length=8, n_layer=1, n_head=2, d_model=4))

@@ -11,6 +11,15 @@ from tokenbounds.cli import main
 from tokenbounds.models.gpt import GPT, GPTConfig
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """A 1-layer, d=8 model: one OpenMP thread avoids barrier waits on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture()
 def tiny(tmp_path):
     torch.manual_seed(0)

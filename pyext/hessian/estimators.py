@@ -152,9 +152,10 @@ def hutchinson_samples(op, num_matvecs: int, *, seed: int = 0, offset: int = 0,
         if fast is not None:  # e.g. ProxyHessian: probes generated inside the kernel, never stored
             out.append(fast(k, seed=seed, offset=offset + start).to(torch.float64))
             continue
-        Z = _probes(op, k, seed, offset + start)
-        HZ = op.matmat(Z.to(op.dtype))
-        out.append((Z.to(torch.float64) * HZ.to(torch.float64)).sum(0))
+        Z = _probes(op, k, seed, offset + start).to(op.dtype)
+        HZ = op.matmat(Z)
+        # z = +-1, so z * (Hz) is exact in any dtype; only the sum needs float64.
+        out.append((HZ * Z).sum(0, dtype=torch.float64))
     return torch.cat(out)
 
 
@@ -186,23 +187,26 @@ def hutchpp_trace(op, num_matvecs: int, *, seed: int = 0, probe_block: int | Non
     g = num_matvecs - 2 * k
     block = _block(op, probe_block, num_matvecs)
 
-    def apply(V: torch.Tensor) -> torch.Tensor:
-        cols = [op.matmat(V[:, s:s + block].to(op.dtype).contiguous()) for s in range(0, V.shape[1], block)]
-        return torch.cat(cols, dim=1).to(torch.float64)
+    # The sketch works in the operator's precision (float32 unless it is float64), reductions in
+    # float64: at n ~ 3e5 each [n, k] block is what the peak memory is made of, so temporaries are
+    # also dropped as soon as possible.
+    work = torch.float64 if op.dtype == torch.float64 else torch.float32
 
-    S = _probes(op, k, seed, 0)
-    Y = apply(S)
-    Q, _ = torch.linalg.qr(Y.to(torch.float64))
+    def apply(V: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(V.shape, dtype=work, device=V.device)
+        for s in range(0, V.shape[1], block):
+            out[:, s:s + block] = op.matmat(V[:, s:s + block].to(op.dtype).contiguous())
+        return out
+
+    Q, _ = torch.linalg.qr(apply(_probes(op, k, seed, 0).to(work)))
     # Drop directions that H S does not reach (rank-deficient sketch): they carry no trace.
     keep = torch.linalg.vector_norm(Q, dim=0) > 0.5
     Q = Q[:, keep]
-    HQ = apply(Q)
-    top = float((Q * HQ).sum())
-    G = _probes(op, g, seed, k).to(torch.float64)
-    G = G - Q @ (Q.T @ G)
-    HG = apply(G)
-    HG = HG - Q @ (Q.T @ HG)
-    samples = (G * HG).sum(0)
+    top = float((Q * apply(Q)).sum(dtype=torch.float64))
+    G = _probes(op, g, seed, k).to(work)
+    G -= Q @ (Q.T @ G)
+    # G is orthogonal to Q, so g^T (I - QQ^T) H (I - QQ^T) g = g^T H g: no projection of H G.
+    samples = (G * apply(G)).sum(0, dtype=torch.float64)
     mean, stderr = _mean_stderr(samples)
     if Q.shape[1] >= n:
         mean, stderr = 0.0, 0.0

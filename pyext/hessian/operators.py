@@ -16,6 +16,7 @@ All satisfy the ``matmat(V) -> H @ V`` protocol of :mod:`tokenbounds.hessian.est
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -35,6 +36,18 @@ def _sdpa_math():
         return sdpa_kernel(SDPBackend.MATH)
     except ImportError:  # pragma: no cover - old torch
         return contextlib.nullcontext()
+
+
+def _load_jvp_decompositions() -> None:
+    """Import torch's forward-AD decompositions with its ``torch.jit.script`` deprecation silenced.
+
+    torch loads them lazily on the first ``make_dual`` (any ``torch.func.jvp``), scripting each
+    with ``torch.jit.script``, which warns once per op (12 DeprecationWarnings from inside torch,
+    nothing a caller can act on). Importing the module here first makes torch's import a no-op.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=DeprecationWarning)
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
 
 
 def split_tokens(tokens: torch.Tensor) -> Batch:
@@ -143,15 +156,21 @@ class _ModelOperator:
         if V.dim() != 2 or V.shape[0] != self.shape[0]:
             raise ValueError(f"V must be [{self.shape[0]}, k], got {tuple(V.shape)}")
         V = V.to(device=self.device, dtype=self.dtype)
-        out = torch.zeros_like(V)
+        # Probe-major [k, n] output: the batched backward yields [k_block, n] rows that are copied
+        # (or added) in place, with no [n, k] temporaries; callers get the [n, k] view.
+        out_t = torch.empty((V.shape[1], V.shape[0]), dtype=self.dtype, device=self.device)
         for start in range(0, V.shape[1], self.probe_block):
             block = V[:, start:start + self.probe_block]
-            acc = None
+            rows = out_t[start:start + block.shape[1]]
             for b, batch in enumerate(self.batches):
-                r = self._apply_block(b, batch, block)
-                acc = r if acc is None else acc + r
-            out[:, start:start + block.shape[1]] = acc / len(self.batches)
-        return out
+                r = self._apply_block(b, batch, block).T
+                if b == 0:
+                    rows.copy_(r)
+                else:
+                    rows.add_(r)
+            if len(self.batches) > 1:
+                rows.div_(len(self.batches))
+        return out_t.T
 
     def _apply_block(self, b: int, batch: Batch, block: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -234,6 +253,7 @@ class ModelHessian(_ModelOperator):
             return loss_fn(out_model, inputs, targets)
 
         flat0 = self._flat(base.values())
+        _load_jvp_decompositions()
 
         def hvp(v):
             return jvp(grad(f), (flat0,), (v,))[1]
