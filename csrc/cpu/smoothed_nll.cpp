@@ -1,7 +1,8 @@
 // CPU kernel for tokenbounds::smoothed_nll: one sweep over each row of logits, row-parallel.
 //
 // Per row: the max (to keep exponentials in range), the count of logits strictly above the
-// target logit, a NaN/+inf flag, and sum exp(x - ref) with ref = the target logit, all in one
+// target logit, and sum exp(x - ref) with ref = the target logit (NaN/+inf logits make the row
+// invalid: NaN propagates through the sum, +inf shows in the max), all in one
 // loop (smoothed_nll_row.inc). Memory traffic is one read of the logits; the work is the
 // vectorized exp. The per-row finish (log p_y and every smoothing level) is the shared math of
 // tokenbounds/smoothed_loss.h. SIMD paths (AVX2+FMA+F16C; AVX-512 on request, see
@@ -61,7 +62,9 @@ RowStats row_stats_scalar(const T* row, int64_t vocab, float target) {
 // taken from the low mantissa bits of t + 1.5 * 2^23 (which also yields 2^n by one shift),
 // |f| <= 1/2, and 2^f from a degree-5 minimax polynomial (max relative error 2.3e-7, fitted for
 // this kernel). t is clamped at -126, so -inf and tiny terms contribute at most 2^-126 each
-// (< 1e-33 relative to the sum, which is >= 1); NaN lanes are flagged separately. Arguments
+// (< 1e-33 relative to the sum, which is >= 1). The clamp is max(-126, t) with t SECOND: maxps
+// returns its second operand when one is NaN, so a NaN logit makes the row's sum NaN (which is
+// how NaN rows are detected, at no extra cost). Arguments
 // above the reference by more than 64 are re-summed with a new reference, so no upper clamp.
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kExp2Min = -126.f;
@@ -82,9 +85,6 @@ inline Vec vset1(float x) { return _mm256_set1_ps(x); }
 inline Vec vmax_(Vec a, Vec b) { return _mm256_max_ps(a, b); }
 inline Vec vsub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
 inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
-inline Vec vor_(Vec a, Vec b) { return _mm256_or_ps(a, b); }
-inline Vec vunordered(Vec a, Vec b) { return _mm256_cmp_ps(a, b, _CMP_UNORD_Q); }
-inline bool any_set(Vec m) { return _mm256_movemask_ps(m) != 0; }
 inline CountVec count_zero() { return _mm256_setzero_si256(); }
 // A true compare is all ones (-1 as int32): subtracting it adds 1 to the lane's count.
 inline CountVec vcount_gt(CountVec c, Vec a, Vec t) {
@@ -110,7 +110,7 @@ inline float hsum(Vec v) {
   return _mm_cvtss_f32(s);
 }
 inline Vec vexp_minus(Vec x, Vec ref) {
-  const Vec t = _mm256_max_ps(_mm256_mul_ps(_mm256_sub_ps(x, ref), _mm256_set1_ps(kLog2e)), _mm256_set1_ps(kExp2Min));
+  const Vec t = _mm256_max_ps(_mm256_set1_ps(kExp2Min), _mm256_mul_ps(_mm256_sub_ps(x, ref), _mm256_set1_ps(kLog2e)));
   const Vec biased = _mm256_add_ps(t, _mm256_set1_ps(kRoundMagic));
   const Vec f = _mm256_sub_ps(t, _mm256_sub_ps(biased, _mm256_set1_ps(kRoundMagic)));
   Vec p = _mm256_set1_ps(kP5);
@@ -154,13 +154,6 @@ inline Vec vset1(float x) { return _mm512_set1_ps(x); }
 inline Vec vmax_(Vec a, Vec b) { return _mm512_max_ps(a, b); }
 inline Vec vsub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
 inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
-inline Vec vor_(Vec a, Vec b) {
-  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_castps_si512(b)));
-}
-inline Vec vunordered(Vec a, Vec b) {
-  return _mm512_castsi512_ps(_mm512_maskz_set1_epi32(_mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q), -1));
-}
-inline bool any_set(Vec m) { return _mm512_test_epi32_mask(_mm512_castps_si512(m), _mm512_castps_si512(m)) != 0; }
 inline CountVec count_zero() { return _mm512_setzero_si512(); }
 inline CountVec vcount_gt(CountVec c, Vec a, Vec t) {
   return _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(a, t, _CMP_GT_OQ), c, _mm512_set1_epi32(1));
@@ -169,7 +162,7 @@ inline int64_t hsum_count(CountVec c) { return _mm512_reduce_add_epi32(c); }
 inline float hmax(Vec v) { return _mm512_reduce_max_ps(v); }
 inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
 inline Vec vexp_minus(Vec x, Vec ref) {
-  const Vec t = _mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(x, ref), _mm512_set1_ps(kLog2e)), _mm512_set1_ps(kExp2Min));
+  const Vec t = _mm512_max_ps(_mm512_set1_ps(kExp2Min), _mm512_mul_ps(_mm512_sub_ps(x, ref), _mm512_set1_ps(kLog2e)));
   const Vec biased = _mm512_add_ps(t, _mm512_set1_ps(kRoundMagic));
   const Vec f = _mm512_sub_ps(t, _mm512_sub_ps(biased, _mm512_set1_ps(kRoundMagic)));
   Vec p = _mm512_set1_ps(kP5);
