@@ -37,6 +37,7 @@ import numpy as np
 
 from ..losses import DEFAULT_ALPHAS, LossStats
 from .checkpoint import CheckpointError, config_hash, load_checkpoint, save_checkpoint
+from .sample import positions_digest
 
 HIST_MAX_BITS = 40.0
 HIST_BINS = 160
@@ -336,10 +337,7 @@ class Sample:
         return self.positions - self.starts
 
     def digest(self) -> str:
-        h = hashlib.sha256()
-        h.update(np.ascontiguousarray(self.positions, dtype="<i8").tobytes())
-        h.update(np.ascontiguousarray(self.starts, dtype="<i8").tobytes())
-        return h.hexdigest()
+        return positions_digest(self.positions, self.starts)
 
     def to_dict(self) -> dict[str, Any]:
         lengths = self.context_lengths

@@ -20,6 +20,14 @@ from typing import Any
 import numpy as np
 
 
+def positions_digest(positions: np.ndarray, starts: np.ndarray) -> str:
+    """sha256 of sampled positions and their context starts (little-endian int64)."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(positions, dtype="<i8").tobytes())
+    h.update(np.ascontiguousarray(starts, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class TokenSample:
     """Sampled target positions and their context starts (``starts[k] <= positions[k] - 1``)."""
@@ -48,10 +56,7 @@ class TokenSample:
 
     def digest(self) -> str:
         """sha256 of the positions and starts (records which tokens were evaluated)."""
-        h = hashlib.sha256()
-        h.update(np.ascontiguousarray(self.positions, dtype="<i8").tobytes())
-        h.update(np.ascontiguousarray(self.starts, dtype="<i8").tobytes())
-        return h.hexdigest()
+        return positions_digest(self.positions, self.starts)
 
     def to_dict(self) -> dict[str, Any]:
         lengths = self.context_lengths
