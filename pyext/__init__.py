@@ -12,7 +12,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .losses import DEFAULT_ALPHAS, TOPK, LossStats, TokenLosses
+from .losses import DEFAULT_ALPHAS, TOPK, LossStats, TokenLosses, UnitStats
 
 _LAZY = {
     "smoothed_nll": ("tokenbounds.ops.losses", "smoothed_nll"),
@@ -22,7 +22,7 @@ _LAZY = {
     "patch_model": ("tokenbounds.eval.hf", "patch_model"),
 }
 
-__all__ = ["DEFAULT_ALPHAS", "TOPK", "LossStats", "TokenLosses", *_LAZY]
+__all__ = ["DEFAULT_ALPHAS", "TOPK", "LossStats", "TokenLosses", "UnitStats", *_LAZY]
 
 
 def __getattr__(name: str):

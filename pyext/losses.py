@@ -256,6 +256,232 @@ class LossStats:
         return cls.from_state_dict(json.loads(text))
 
 
+UNIT_STATS_FORMAT = "tokenbounds.UnitStats/1"
+
+
+@dataclass
+class UnitStats:
+    """Power sums over the draws of a window-unit (cluster) sample (``spec/bounds.md`` section 3b).
+
+    A draw picks one of the m data points uniformly at random; its unit u (the n_u targets one
+    window scores) contributes, per smoothing level, the unit means
+    ``y_u = (1/n_u) sum_{k in u} l_k`` and ``q_u = (1/n_u) sum_{k in u} l_k^2`` of the smoothed loss
+    in bits (unshifted), the unit mean of the unsmoothed loss and of each top-k error. A unit is
+    drawn with probability n_u / m, so E[y] = Rhat_m: the draws' y are i.i.d. in the loss interval
+    and Hoeffding / empirical Bernstein apply with s = ``draws``. For any centering c (bits),
+    ``W(c) = q - 2 c y + c^2`` is the unit mean of (l - c)^2, i.i.d. with mean
+    (1/m) sum_k (l_k - c)^2, which the Freedman bound needs; its mean and variance over the draws
+    follow from the power sums of y and q kept here (:meth:`sq_about`).
+
+    A unit drawn r times is scored once and counted r times (``weights``). Everything is a float64
+    sum, so merging is addition (bit-identical for a fixed merge order) and evaluation can shard.
+    """
+
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    vocab_size: int | None = None
+    draws: int = 0
+    tokens: int = 0
+    sum_y: np.ndarray = field(default=None)  # type: ignore[assignment]
+    sum_yy: np.ndarray = field(default=None)  # type: ignore[assignment]
+    sum_q: np.ndarray = field(default=None)  # type: ignore[assignment]
+    sum_qq: np.ndarray = field(default=None)  # type: ignore[assignment]
+    sum_yq: np.ndarray = field(default=None)  # type: ignore[assignment]
+    sum_nll: float = 0.0
+    sum_nll_sq: float = 0.0
+    topk_err_sum: dict[int, float] = field(default_factory=dict)
+    topk_err_sumsq: dict[int, float] = field(default_factory=dict)
+
+    _ARRAYS = ("sum_y", "sum_yy", "sum_q", "sum_qq", "sum_yq")
+
+    def __post_init__(self) -> None:
+        self.alphas = tuple(float(a) for a in self.alphas)
+        for name in self._ARRAYS:
+            value = getattr(self, name)
+            setattr(self, name, np.zeros(len(self.alphas)) if value is None
+                    else np.asarray(value, dtype=np.float64).copy())
+        self.topk_err_sum = {int(k): float(self.topk_err_sum.get(k, 0.0)) for k in TOPK}
+        self.topk_err_sumsq = {int(k): float(self.topk_err_sumsq.get(k, 0.0)) for k in TOPK}
+
+    # ------------------------------------------------------------------ accumulation
+    def update_units(self, counts, sum_bits, sum_sq_bits, nll_sum_bits, topk_correct, weights=None) -> UnitStats:
+        """Add U units given their per-unit sums. ``counts`` [U] scored tokens n_u >= 1;
+        ``sum_bits`` / ``sum_sq_bits`` [U, A] sums of l and l^2 over the unit's tokens;
+        ``nll_sum_bits`` [U] sum of the unsmoothed -log2 p_y; ``topk_correct`` [U, len(TOPK)]
+        counts of tokens with rank < k; ``weights`` [U] draws of each unit (default 1 each)."""
+        n = np.asarray(counts, dtype=np.float64).reshape(-1)
+        u = n.size
+        a = len(self.alphas)
+        sb = np.asarray(sum_bits, dtype=np.float64).reshape(u, a)
+        sq = np.asarray(sum_sq_bits, dtype=np.float64).reshape(u, a)
+        nll = np.asarray(nll_sum_bits, dtype=np.float64).reshape(u)
+        tk = np.asarray(topk_correct, dtype=np.float64).reshape(u, len(TOPK))
+        w = np.ones(u) if weights is None else np.asarray(weights, dtype=np.float64).reshape(u)
+        if u == 0:
+            return self
+        if np.any(n < 1):
+            raise ValueError("every unit needs at least one scored token (counts >= 1)")
+        if np.any(w < 0) or np.any(w != np.round(w)):
+            raise ValueError("unit weights (draw multiplicities) must be non-negative integers")
+        y = sb / n[:, None]
+        q = sq / n[:, None]
+        wc = w[:, None]
+        self.draws += int(w.sum())
+        self.tokens += int((w * n).sum())
+        self.sum_y += (wc * y).sum(axis=0)
+        self.sum_yy += (wc * y * y).sum(axis=0)
+        self.sum_q += (wc * q).sum(axis=0)
+        self.sum_qq += (wc * q * q).sum(axis=0)
+        self.sum_yq += (wc * y * q).sum(axis=0)
+        e = nll / n
+        self.sum_nll += float((w * e).sum())
+        self.sum_nll_sq += float((w * e * e).sum())
+        for j, k in enumerate(TOPK):
+            err = 1.0 - tk[:, j] / n
+            self.topk_err_sum[k] += float((w * err).sum())
+            self.topk_err_sumsq[k] += float((w * err * err).sum())
+        return self
+
+    def update(self, losses: TokenLosses, unit_index, weights=None) -> UnitStats:
+        """Add the units of a batch of :class:`TokenLosses`: row i belongs to local unit
+        ``unit_index[i]`` in 0..U-1 (ignored rows are skipped); ``weights`` [U] as in
+        :meth:`update_units`. Units whose rows are all ignored are an error."""
+        if tuple(float(a) for a in losses.alphas) != self.alphas:
+            raise ValueError(f"TokenLosses alphas {losses.alphas} differ from UnitStats alphas {self.alphas}")
+        self._check_vocab(losses.vocab_size)
+        valid = _to_numpy(losses.valid).astype(bool)
+        idx = np.asarray(_to_numpy(unit_index), dtype=np.int64).reshape(-1)
+        if idx.shape[0] != valid.shape[0]:
+            raise ValueError(f"unit_index has {idx.shape[0]} entries for {valid.shape[0]} loss rows")
+        u = int(idx.max()) + 1 if idx.size else 0
+        if weights is not None:
+            u = max(u, int(np.asarray(weights).reshape(-1).size))
+        nll = _to_numpy(losses.nll_bits).astype(np.float64)[valid]
+        bits = -_to_numpy(losses.logp).astype(np.float64)[valid] / LN2
+        rank = _to_numpy(losses.rank)[valid]
+        iv = idx[valid]
+        counts = np.bincount(iv, minlength=u)
+        a = len(self.alphas)
+        sb = np.stack([np.bincount(iv, weights=nll[:, j], minlength=u) for j in range(a)], axis=1)
+        sq = np.stack([np.bincount(iv, weights=nll[:, j] ** 2, minlength=u) for j in range(a)], axis=1)
+        sn = np.bincount(iv, weights=bits, minlength=u)
+        tk = np.stack([np.bincount(iv, weights=(rank < k).astype(np.float64), minlength=u) for k in TOPK], axis=1)
+        return self.update_units(counts, sb, sq, sn, tk, weights)
+
+    def merge(self, other: UnitStats, inplace: bool = False) -> UnitStats:
+        """Add another sample's draws (float64 addition). Returns a new object unless inplace."""
+        if other.alphas != self.alphas:
+            raise ValueError(f"cannot merge UnitStats with alphas {other.alphas} into {self.alphas}")
+        self._check_vocab(other.vocab_size)
+        out = self if inplace else UnitStats.from_state_dict(self.state_dict())
+        out.draws += other.draws
+        out.tokens += other.tokens
+        for name in self._ARRAYS:
+            setattr(out, name, getattr(out, name) + getattr(other, name))
+        out.sum_nll += other.sum_nll
+        out.sum_nll_sq += other.sum_nll_sq
+        for k in TOPK:
+            out.topk_err_sum[k] += other.topk_err_sum[k]
+            out.topk_err_sumsq[k] += other.topk_err_sumsq[k]
+        out.vocab_size = out.vocab_size or other.vocab_size
+        return out
+
+    def _check_vocab(self, vocab_size: int | None) -> None:
+        if vocab_size is not None and self.vocab_size is not None and vocab_size != self.vocab_size:
+            raise ValueError(f"vocab_size mismatch: {vocab_size} vs {self.vocab_size}")
+        if self.vocab_size is None:
+            self.vocab_size = vocab_size
+
+    # ------------------------------------------------------------------ derived quantities
+    @staticmethod
+    def _mean_var(s1, s2, n: int):
+        """Mean and unbiased variance from power sums (variance NaN when n < 2, clipped at 0)."""
+        mean = np.asarray(s1, dtype=np.float64) / n if n else np.full(np.shape(s1), math.nan)
+        if n < 2:
+            return mean, np.full(np.shape(s1), math.nan)
+        var = (np.asarray(s2, dtype=np.float64) - n * mean * mean) / (n - 1)
+        return mean, np.maximum(var, 0.0)
+
+    @property
+    def mean_bits(self) -> dict[float, float]:
+        """{alpha: mean over draws of the unit mean loss}: an unbiased estimate of Rhat_m."""
+        mean, _ = self._mean_var(self.sum_y, self.sum_yy, self.draws)
+        return {a: float(v) for a, v in zip(self.alphas, mean, strict=True)}
+
+    @property
+    def variance_bits(self) -> np.ndarray:
+        """Per-alpha unbiased sample variance of the unit means over the draws (bits^2)."""
+        return self._mean_var(self.sum_y, self.sum_yy, self.draws)[1]
+
+    @property
+    def mean_nll_bits(self) -> float:
+        return self.sum_nll / self.draws if self.draws else math.nan
+
+    def topk_error(self, k: int) -> float:
+        """Mean over draws of the unit's top-k error rate (unbiased for the m-token rate)."""
+        if k not in self.topk_err_sum:
+            raise ValueError(f"k={k} not tracked; UnitStats tracks k in {TOPK}")
+        return self.topk_err_sum[k] / self.draws if self.draws else math.nan
+
+    def topk_error_variance(self, k: int) -> float:
+        return float(self._mean_var(self.topk_err_sum[k], self.topk_err_sumsq[k], self.draws)[1])
+
+    def sq_about(self, center) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and unbiased variance over the draws of W(c) = unit mean of (l - c)^2 (bits^2),
+        per alpha, for ``center`` c in bits (a scalar, [A], or [..., A] broadcast against the
+        alphas). W = q - 2 c y + c^2, so E W^2 = E q^2 - 4 c E qy + 4 c^2 E y^2 + 2 c^2 E q
+        - 4 c^3 E y + c^4 over the draws."""
+        c = np.asarray(center, dtype=np.float64)
+        n = self.draws
+        if n == 0:
+            nan = np.full(np.broadcast_shapes(c.shape, (len(self.alphas),)), math.nan)
+            return nan, nan.copy()
+        ey, eyy, eq, eqq, eyq = (getattr(self, name) / n for name in self._ARRAYS)
+        mean = eq - 2 * c * ey + c * c
+        ew2 = eqq - 4 * c * eyq + 4 * c * c * eyy + 2 * c * c * eq - 4 * c**3 * ey + c**4
+        if n < 2:
+            return mean, np.full(mean.shape, math.nan)
+        var = np.maximum(ew2 - mean * mean, 0.0) * n / (n - 1)
+        return mean, var
+
+    # ------------------------------------------------------------------ serialisation
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": UNIT_STATS_FORMAT,
+            "alphas": list(self.alphas),
+            "vocab_size": self.vocab_size,
+            "draws": int(self.draws),
+            "tokens": int(self.tokens),
+            **{name: [float(v) for v in getattr(self, name)] for name in self._ARRAYS},
+            "sum_nll": float(self.sum_nll),
+            "sum_nll_sq": float(self.sum_nll_sq),
+            "topk_err_sum": {str(k): float(v) for k, v in self.topk_err_sum.items()},
+            "topk_err_sumsq": {str(k): float(v) for k, v in self.topk_err_sumsq.items()},
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> UnitStats:
+        if state.get("format") != UNIT_STATS_FORMAT:
+            raise ValueError(f"not a UnitStats state (format={state.get('format')!r})")
+        return cls(
+            alphas=tuple(state["alphas"]),
+            vocab_size=state["vocab_size"],
+            draws=int(state["draws"]),
+            tokens=int(state["tokens"]),
+            **{name: np.array(state[name], dtype=np.float64) for name in cls._ARRAYS},
+            sum_nll=float(state["sum_nll"]),
+            sum_nll_sq=float(state["sum_nll_sq"]),
+            topk_err_sum={int(k): float(v) for k, v in state["topk_err_sum"].items()},
+            topk_err_sumsq={int(k): float(v) for k, v in state["topk_err_sumsq"].items()},
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.state_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> UnitStats:
+        return cls.from_state_dict(json.loads(text))
+
+
 def _to_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):
         return x.detach().cpu().numpy()
