@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tokenbounds as tb
 import torch
-from tokenbounds.losses import TOPK
+from tokenbounds.losses import TOPK, UnitStats
 
 
 def _losses(n, seed, v=200):
@@ -76,3 +76,31 @@ def test_unit_stats_bad_input():
         tb.UnitStats(alphas=(0.1,)).update(losses, np.zeros(10, dtype=np.int64))
     with pytest.raises(ValueError, match="not a UnitStats"):
         tb.UnitStats.from_state_dict({"format": "x"})
+
+
+def test_unit_means_are_unbiased_for_the_token_average():
+    """Spec 3b: a draw picks one of the m positions uniformly, so unit u is drawn with
+    probability n_u / m and E[mean of the drawn unit means] = Rhat_m, for units of any sizes.
+    Negative control: drawing units uniformly (ignoring their sizes) is biased, and the same
+    check must see it."""
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 60, 80)
+    m = int(sizes.sum())
+    losses = [rng.gamma(2.0, 1.0 + n / 20, n) for n in sizes]  # bigger units have larger losses
+    rhat = np.concatenate(losses).mean()
+    sums = np.array([[x.sum()] for x in losses])
+    sq = np.array([[(x * x).sum()] for x in losses])
+    unit_of = np.repeat(np.arange(sizes.size), sizes)
+    reps, draws = 3000, 20
+    est, uniform = np.empty(reps), np.empty(reps)
+    for i in range(reps):
+        w = np.bincount(unit_of[rng.integers(0, m, draws)], minlength=sizes.size)
+        st = UnitStats(alphas=(0.5,)).update_units(sizes, sums, sq, sums[:, 0], np.zeros((sizes.size, len(TOPK))), w)
+        est[i] = st.mean_bits[0.5]
+        assert st.draws == draws and st.tokens == int((w * sizes).sum())
+        uniform[i] = (sums[:, 0] / sizes)[rng.integers(0, sizes.size, draws)].mean()
+    se = est.std(ddof=1) / np.sqrt(reps)
+    print(f"Rhat_m {rhat:.4f}; size-biased draws {est.mean():.4f} +- {se:.4f}; "
+          f"uniform over units {uniform.mean():.4f}")
+    assert abs(est.mean() - rhat) < 4 * se
+    assert abs(uniform.mean() - rhat) > 10 * se  # the harness sees a biased design

@@ -10,8 +10,14 @@ result dataclasses exposing every component and ``to_dict()``:
   :func:`freedman_bound` / :func:`freedman_gap`, :func:`parameter_count_bound`,
   :func:`mutual_information_bound` (in expectation);
 * sampling terms: :func:`hoeffding_term`, :func:`bernstein_term`, :func:`variance_upper_bound`;
-* :func:`from_stats`: every bound from a saved ``LossStats``;
-* scaling and prequential helpers.
+* :func:`from_stats` / :func:`read_stats`: every bound from saved statistics (a ``LossStats``, a
+  window-unit ``UnitStats`` or the ``stats.json`` of ``tokenbounds evaluate``), one parser;
+* scaling and prequential helpers (:func:`prequential_information_bits` is an information-content
+  estimate, not a code length: a bound given it is marked heuristic).
+
+Every result extends :class:`BoundResult` (``bound_bits, empirical_bits, complexity_bits,
+sampling_bits, alpha, delta, vacuous, valid, kind, label``); ``valid=False`` results say why in
+``caveats``.
 """
 
 from __future__ import annotations
@@ -35,9 +41,10 @@ from .prequential import (
     excess_description_length,
     prequential_code_length,
     prequential_complexity_bits,
+    prequential_information_bits,
 )
-from .prior import loss_range_bits, max_loss_bits, min_loss_bits, uniform_loss_bits
-from .results import Bound, FreedmanBound, TokenBound
+from .prior import ALPHA_COSTS, loss_range_bits, max_loss_bits, min_loss_bits, uniform_loss_bits
+from .results import Bound, BoundResult, FreedmanBound, InformationEstimate, TokenBound
 from .sampling import bernstein_term, hoeffding_term, sampling_term, variance_upper_bound
 from .scaling import (
     CHINCHILLA,
@@ -51,13 +58,16 @@ from .scaling import (
 from .token import document_bound, token_bound, topk_bound
 
 __all__ = [
+    "ALPHA_COSTS",
     "CHINCHILLA",
     "LAMBDA_GRID",
     "Bound",
+    "BoundResult",
     "BoundTable",
     "EDLResult",
     "EncodedSymbols",
     "FreedmanBound",
+    "InformationEstimate",
     "MessageLength",
     "PowerLawFit",
     "StatsView",
@@ -87,6 +97,7 @@ __all__ = [
     "prefix_free_bits",
     "prequential_code_length",
     "prequential_complexity_bits",
+    "prequential_information_bits",
     "psi",
     "read_stats",
     "sampling_term",

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import check_nonneg
+
 __all__ = [
     "EncodedSymbols",
     "MessageLength",
@@ -37,16 +39,6 @@ __all__ = [
 LN2 = math.log(2.0)
 
 
-def _check_finite_nonneg(name: str, value: float) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return v
-
-
 def prefix_free_bits(bits: float) -> float:
     """Length of a prefix-free version of a code of ``bits`` bits: ``C + 2 log2 C`` (0 for C = 0).
 
@@ -54,7 +46,7 @@ def prefix_free_bits(bits: float) -> float:
     self-delimiting into one that satisfies Kraft's inequality. For 0 < C < 1 the correction
     ``2 log2 C`` would be negative, so it is clipped at 0 there (C itself is then returned).
     """
-    c = _check_finite_nonneg("bits", bits)
+    c = check_nonneg(bits, "bits")
     if c == 0.0:
         return 0.0
     return c + max(0.0, 2.0 * math.log2(c))
@@ -66,7 +58,7 @@ def log_prior_nats(coded_bits: float, extra_bits: float = 0.0) -> float:
     ``extra_bits`` pays for choices made after seeing data (hyper-parameters, number of levels,
     the smoothing level, ...); spec section 2.
     """
-    extra = _check_finite_nonneg("extra_bits", extra_bits)
+    extra = check_nonneg(extra_bits, "extra_bits")
     return (prefix_free_bits(coded_bits) + extra) * LN2
 
 
@@ -240,7 +232,7 @@ def message_length_bits(
     """
     if mode not in ("exact", "lotfi-code"):
         raise ValueError(f"mode must be 'exact' or 'lotfi-code', got {mode!r}")
-    cb = _check_finite_nonneg("codebook_bits_per_entry", codebook_bits_per_entry)
+    cb = check_nonneg(codebook_bits_per_entry, "codebook_bits_per_entry")
     x = _as_symbols(symbols)
     n = int(x.size)
     values, counts, _, dense = _alphabet(x, num_levels)

@@ -1,15 +1,17 @@
-"""Prequential code length, excess description length and prequential complexity (spec section
-8; Donoway et al., arXiv 2601.04728; Finzi et al. 2025 for the complexity as log 1/P(h))."""
+"""Prequential code length, excess description length and the prequential information-content
+estimate (spec section 8; Donoway et al., arXiv 2601.04728; Finzi et al. 2025)."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .results import _ToDict, check_count, check_finite, check_nonneg
+from ._checks import check_count, check_finite, check_nonneg
+from .results import InformationEstimate, _ToDict
 
 __all__ = [
     "EDLResult",
@@ -17,6 +19,7 @@ __all__ = [
     "excess_description_length",
     "prequential_code_length",
     "prequential_complexity_bits",
+    "prequential_information_bits",
 ]
 
 
@@ -73,13 +76,18 @@ def excess_description_length(
                      edl_per_parameter=per_par)
 
 
-def prequential_complexity_bits(
+def prequential_information_bits(
     losses_before_update: Any, losses_final_bits: Any, algorithm_bits: float = 0.0
-) -> float:
-    """``K(h) <= MDL - sum_i l(theta_n; x_i) + K(algorithm)`` bits (Finzi et al. 2025): the
-    prequential complexity of the trained model, usable as ``log2 1/P(h)`` (pass it as
-    ``coded_bits``). Losses in bits, ``losses_final_bits`` the final model's losses on the same
-    stream."""
+) -> InformationEstimate:
+    """Information-content **estimate** of a trained model from prequential coding (as Finzi et
+    al. 2025 use it): ``MDL - sum_i l(theta_n; x_i) + K(algorithm)`` bits, losses in bits,
+    ``losses_final_bits`` the final model's losses on the same stream.
+
+    Not a code length: the relation ``K(h) <= MDL - sum_i l(theta_n; x_i) + K(alg)`` holds only
+    up to O(log) terms and under assumptions that fail in general (the final model's code
+    length given the data is not the sum of its losses), so it is not a valid log 1/P(h). A
+    bound given it as ``coded_bits`` marks its result ``kind="heuristic"``, ``valid=False``.
+    """
     before = _losses(losses_before_update, "losses_before_update")
     after = _losses(losses_final_bits, "losses_final_bits")
     if after.size != before.size:
@@ -87,7 +95,23 @@ def prequential_complexity_bits(
             f"losses_final_bits has {after.size} entries but losses_before_update has {before.size}"
         )
     k_alg = check_nonneg(algorithm_bits, "algorithm_bits")
-    return max(0.0, float(before.sum() - after.sum())) + k_alg
+    mdl, final = float(before.sum()), float(after.sum())
+    return InformationEstimate(
+        bits=max(0.0, mdl - final) + k_alg,
+        source="prequential estimate MDL - sum l_final + K(alg) (Finzi et al. 2025)",
+        details={"mdl_bits": mdl, "final_loss_bits": final, "algorithm_bits": k_alg},
+    )
+
+
+def prequential_complexity_bits(
+    losses_before_update: Any, losses_final_bits: Any, algorithm_bits: float = 0.0
+) -> InformationEstimate:
+    """Deprecated name of :func:`prequential_information_bits` (it returns the same
+    :class:`InformationEstimate`, no longer a float usable as a prior)."""
+    warnings.warn("prequential_complexity_bits is deprecated: it is an information-content estimate, "
+                  "not a code length; use prequential_information_bits", DeprecationWarning,
+                  stacklevel=2)
+    return prequential_information_bits(losses_before_update, losses_final_bits, algorithm_bits)
 
 
 def coupon_collector_edl_fraction(u: float) -> float:

@@ -11,14 +11,19 @@ drawn with replacement (spec section 7).
   sigma^2 = E V_s the population variance (here: the variance of the m-point population).
 
 Sampling with replacement makes the s draws i.i.d. from the m-point population, so these
-i.i.d. results apply with E Z = the m-point mean.
+i.i.d. results apply with E Z = the m-point mean. The same holds for window-unit (cluster)
+samples (spec section 3b): the s unit means of the drawn units are i.i.d. in the loss interval
+with mean Rhat_m, so these terms apply with s = the number of draws.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
-from .results import check_count, check_delta, check_nonneg
+import numpy as np
+
+from ._checks import SAMPLING_KINDS, check_count, check_delta, check_nonneg, normalize_sampling
 
 __all__ = [
     "SAMPLING_KINDS",
@@ -26,30 +31,16 @@ __all__ = [
     "hoeffding_term",
     "normalize_sampling",
     "sampling_term",
+    "sampling_value",
     "variance_upper_bound",
 ]
-
-SAMPLING_KINDS = ("hoeffding", "bernstein")
-
-
-def normalize_sampling(sampling: str) -> str:
-    """Accept "hoeffding", "bernstein" / "empirical-bernstein" / "eb"."""
-    aliases = {"hoeffding": "hoeffding", "bernstein": "bernstein",
-               "empirical-bernstein": "bernstein", "empirical_bernstein": "bernstein",
-               "eb": "bernstein"}
-    if sampling not in aliases:
-        raise ValueError(
-            f"sampling must be 'hoeffding' or 'bernstein' (empirical Bernstein), got {sampling!r}"
-        )
-    return aliases[sampling]
-
 
 def hoeffding_term(loss_range: float, sample_size: float, delta: float) -> float:
     """``Delta sqrt(ln(1/delta) / (2 s))``: one-sided Hoeffding deviation of a mean of s samples."""
     d = check_delta(delta)
     s = check_count(sample_size, "sample_size")
     rng = check_nonneg(loss_range, "loss_range")
-    return rng * math.sqrt(math.log(1.0 / d) / (2.0 * s))
+    return sampling_value("hoeffding", rng, s, d, None)
 
 
 def bernstein_term(
@@ -64,11 +55,20 @@ def bernstein_term(
     s = check_count(sample_size, "sample_size", minimum=2)
     rng = check_nonneg(loss_range, "loss_range")
     var = check_nonneg(sample_variance, "sample_variance")
-    if rng == 0.0:
-        return 0.0
-    v = var / (rng * rng)
-    log_term = math.log(2.0 / d)
-    return rng * (math.sqrt(2.0 * v * log_term / s) + 7.0 * log_term / (3.0 * (s - 1.0)))
+    return sampling_value("bernstein", rng, s, d, var)
+
+
+def hoeffding_array(loss_range: Any, sample_size: float, delta: Any) -> np.ndarray:
+    """:func:`hoeffding_term` without validation, broadcasting over numpy arrays."""
+    return np.asarray(loss_range) * np.sqrt(np.log(1.0 / np.asarray(delta)) / (2.0 * sample_size))
+
+
+def bernstein_array(loss_range: Any, sample_size: float, delta: Any, sample_variance: Any) -> np.ndarray:
+    """:func:`bernstein_term` without validation, broadcasting over numpy arrays (range > 0)."""
+    rng = np.asarray(loss_range, dtype=np.float64)
+    v = np.asarray(sample_variance, dtype=np.float64) / (rng * rng)
+    log_term = np.log(2.0 / np.asarray(delta, dtype=np.float64))
+    return rng * (np.sqrt(2.0 * v * log_term / sample_size) + 7.0 * log_term / (3.0 * (sample_size - 1.0)))
 
 
 def sampling_term(
@@ -88,6 +88,22 @@ def sampling_term(
             "LossStats.variance_bits gives it"
         )
     return bernstein_term(loss_range, sample_size, delta, sample_variance)
+
+
+def sampling_value(kind: str, loss_range: float, sample_size: float, delta: float,
+                   sample_variance: float | None) -> float:
+    """:func:`sampling_term` for arguments the caller has validated (``kind`` normalised; the
+    variance present for "bernstein"): the bounds' inner loops call this."""
+    if kind == "hoeffding":
+        return float(hoeffding_array(loss_range, sample_size, delta))
+    if sample_variance is None:
+        raise ValueError(
+            "sampling='bernstein' needs the sample variance of the losses (variance_bits=...); "
+            "LossStats.variance_bits gives it"
+        )
+    if loss_range == 0.0:
+        return 0.0
+    return float(bernstein_array(loss_range, sample_size, delta, sample_variance))
 
 
 def variance_upper_bound(

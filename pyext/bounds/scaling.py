@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from .results import _ToDict, check_count, check_nonneg
+from ._checks import check_count, check_nonneg
+from .results import _ToDict
 
 __all__ = [
     "CHINCHILLA",
