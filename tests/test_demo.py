@@ -12,6 +12,7 @@ import time
 import pytest
 from tokenbounds import LossStats
 from tokenbounds.bounds import from_stats, token_bound
+from tokenbounds.bounds.from_stats import OFFICIAL_LABEL
 from tokenbounds.cli import build_parser, main
 
 
@@ -60,7 +61,7 @@ def test_tiny_end_to_end_outputs(tiny_run):
         # every bound from_stats reports is there, each with its components summing to the total
         labels = set(m["bounds"]["bounds"])
         for lb in ("token (union, Hoeffding)", "Freedman (union, empirical Bernstein)",
-                   "token, official (lotfi-code, Hoeffding)", "top-1 error (hoeffding)"):
+                   OFFICIAL_LABEL, "top-1 error (hoeffding)"):
             assert lb in labels
         t = m["bounds"]["bounds"]["token (union, Hoeffding)"]
         assert t["bound_bits"] == pytest.approx(t["empirical_bits"] + t["complexity_bits"] + t["sampling_bits"])

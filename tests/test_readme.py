@@ -6,7 +6,6 @@ import pathlib
 import re
 
 import torch
-
 from tokenbounds.models.gpt import GPT, GPTConfig
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
