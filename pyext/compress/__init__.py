@@ -15,7 +15,7 @@ projector), their coded size and decoder, and the train-and-code entry point of 
 
 from __future__ import annotations
 
-from .coding import CodedModel, code_parameters, code_subspace, quantize_parameters
+from .coding import CodedModel, code_parameters, code_subspace, factor_hessians, quantize_parameters
 from .experiment import (
     Candidate,
     TrainedCandidate,
@@ -49,6 +49,7 @@ __all__ = [
     "code_subspace",
     "compress_candidate",
     "evaluate_loss",
+    "factor_hessians",
     "factor_pair",
     "make_projector",
     "parse_spec",

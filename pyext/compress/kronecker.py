@@ -8,7 +8,8 @@ linear layers; Van Loan & Pitsianis 1993 for the nearest-Kronecker projection)::
 
 so ``W[(a, b), (c, d)] = sum_r A_r[a, c] B_r[b, d]`` (row-major index pairs) and the layer has
 ``R (o1 i1 + o2 i2)`` weights instead of ``out * in``. The matmul never forms W: with the input
-row viewed as a matrix X [i1, i2], ``W vec(X) = vec(sum_r A_r X B_r^T)`` -- two small matmuls.
+row viewed as a matrix X [i1, i2], ``W vec(X) = vec(sum_r A_r X B_r^T)`` -- one GEMM for all
+``X B_r^T`` and one batched matmul (with the bias fused) for the sum over r.
 
 Storage (both 2-D, so that :func:`tokenbounds.quant.quantize_weight` codes them directly):
 ``outer = [A_1 ... A_R]`` of shape [o1, R i1] and ``inner = [B_1; ...; B_R]`` of shape
@@ -153,12 +154,16 @@ class KroneckerLinear(nn.Module):
             raise ValueError(f"input has {x.shape[-1]} features, the layer expects {self.in_features}")
         lead = x.shape[:-1]
         xm = x.reshape(-1, self.i1, self.i2)
-        u = torch.matmul(xm, self.inner.t())  # [N, i1, R o2]: X B_r^T for every r
-        if self.rank > 1:  # -> [N, R i1, o2], rows (r, c), matching outer's columns (r, c)
-            u = u.view(-1, self.i1, self.rank, self.o2).transpose(1, 2).reshape(-1, self.rank * self.i1, self.o2)
-        y = torch.matmul(self.outer, u)  # [N, o1, o2] = sum_r A_r X B_r^T
-        y = y.reshape(*lead, self.out_features)
-        return y if self.bias is None else y + self.bias
+        n = xm.shape[0]
+        # [N, i1, R o2] = X B_r^T for every r (one GEMM), then rows (r, c) to match outer's columns
+        u = torch.matmul(xm, self.inner.t()).view(n, self.i1, self.rank, self.o2)
+        u = u.transpose(1, 2).reshape(n, self.rank * self.i1, self.o2)  # a view when R = 1
+        a = self.outer.expand(n, self.o1, self.rank * self.i1)  # stride-0 batch: no copy
+        if self.bias is None:
+            y = torch.bmm(a, u)
+        else:  # y = b + sum_r A_r X B_r^T, written once in its final layout
+            y = torch.baddbmm(self.bias.view(1, self.o1, self.o2), a, u)
+        return y.reshape(*lead, self.out_features)
 
     @classmethod
     def from_linear(
