@@ -1,0 +1,179 @@
+"""Train and code one compressed candidate, evaluate it, bound it: what the benchmark and the demo
+call.
+
+* :func:`compress_candidate` -- given a spec string (``"subspace:d=2000"``, ``"kron"``,
+  ``"monarch:blocks=4"``, ``"dense"``, ...) and a GPT config: build the model from a seed
+  (:func:`tokenbounds.compress.spec.build_model`), train it with
+  :func:`tokenbounds.eval.train.train` (resumable through ``checkpoint_path``), code it
+  (:mod:`tokenbounds.compress.coding`) and return the decoded model to evaluate with its coded
+  size. :func:`train_candidate` and :func:`code_candidate` are its two halves (train once, code
+  at several bit widths).
+* :func:`evaluate_loss` -- the one place that evaluates the empirical loss (sampled training
+  tokens through :func:`tokenbounds.eval.sample.evaluate_sample`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch.nn as nn
+
+from .coding import CodedModel, code_parameters, code_subspace
+from .spec import CompressionSpec, build_model, parse_spec, subspace_lr
+
+__all__ = [
+    "Candidate",
+    "TrainedCandidate",
+    "calibration_batch",
+    "code_candidate",
+    "compress_candidate",
+    "evaluate_loss",
+    "train_candidate",
+]
+
+
+@dataclass
+class TrainedCandidate:
+    """A trained model of one spec (``model`` is a SubspaceModel for subspace specs)."""
+
+    spec: CompressionSpec
+    config: Any  # GPTConfig
+    seed: int
+    model: nn.Module
+    train_config: Any  # TrainConfig actually used (the subspace learning rate filled in)
+    train_result: Any  # TrainResult
+
+    @property
+    def num_trained(self) -> int:
+        """Number of trained values: d for a subspace model, else every parameter."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+
+@dataclass
+class Candidate:
+    """A trained and coded candidate: ``code.model`` is the decoded model to evaluate."""
+
+    trained: TrainedCandidate
+    code: CodedModel
+
+    @property
+    def model(self) -> nn.Module:
+        return self.code.model
+
+    @property
+    def coded_bits(self) -> float:
+        return self.code.coded_bits
+
+
+def train_candidate(
+    spec: str | CompressionSpec,
+    config,
+    tokens: np.ndarray,
+    train_config,
+    *,
+    seed: int = 0,
+    checkpoint_path: str | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> TrainedCandidate:
+    """Build ``spec``'s model from ``seed`` and train it on ``tokens`` with ``train_config``
+    (a :class:`tokenbounds.eval.train.TrainConfig`; for a subspace spec its ``lr`` is replaced by
+    the spec's ``lr`` or :func:`tokenbounds.compress.spec.subspace_lr`)."""
+    from ..eval.train import train
+
+    sp = parse_spec(spec)
+    model = build_model(config, sp, seed=seed)
+    tcfg = train_config
+    if sp.subspace is not None:
+        lr = sp.subspace.get("lr") or subspace_lr(tcfg.lr, model.num_parameters, model.dim)
+        tcfg = replace(tcfg, lr=lr)
+    meta = {"compress": json.dumps({"spec": str(sp), "seed": seed, "model": asdict(config)}, sort_keys=True)}
+    result = train(model, tokens, tcfg, checkpoint_path=checkpoint_path, progress=progress, meta=meta, log=log)
+    return TrainedCandidate(spec=sp, config=config, seed=seed, model=model, train_config=tcfg,
+                            train_result=result)
+
+
+def calibration_batch(tokens: np.ndarray, context_length: int, *, sequences: int = 128, seed: int = 3):
+    """Calibration sequences for the proxy Hessians (``get_batch`` of the training loop; the
+    demo pipeline uses the same 128 x context batch at seed 3)."""
+    from ..eval.train import get_batch
+
+    x, _ = get_batch(tokens, sequences, context_length, seed, 0)
+    return x
+
+
+def code_candidate(
+    trained: TrainedCandidate,
+    calibration_tokens=None,
+    *,
+    bits: int = 4,
+    codebook: str = "uniform",
+    method: str = "ldlq",
+    incoherence: bool = True,
+    quant_seed: int = 0,
+) -> CodedModel:
+    """Code a trained candidate: z for a subspace model, every parameter otherwise (then
+    ``calibration_tokens`` -- e.g. :func:`calibration_batch` -- give the proxy Hessians)."""
+    common = {"spec": str(trained.spec), "init_seed": trained.seed, "bits": bits, "codebook": codebook,
+              "method": method, "incoherence": incoherence, "quant_seed": quant_seed}
+    if trained.spec.subspace is not None:
+        return code_subspace(trained.model, **common)
+    if calibration_tokens is None:
+        raise ValueError("coding the parameters needs calibration_tokens (see calibration_batch)")
+    return code_parameters(trained.model, calibration_tokens, **common)
+
+
+def compress_candidate(
+    spec: str | CompressionSpec,
+    config,
+    tokens: np.ndarray,
+    train_config,
+    *,
+    seed: int = 0,
+    bits: int = 4,
+    codebook: str = "uniform",
+    method: str = "ldlq",
+    incoherence: bool = True,
+    quant_seed: int = 0,
+    checkpoint_path: str | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> Candidate:
+    """Train and code one candidate of the demo's grid (see the module docstring).
+
+    Returns a :class:`Candidate`: ``candidate.model`` (decoded, eval mode) is what to evaluate,
+    ``candidate.coded_bits`` its code length (header + weights/coordinates; add the tokenizer),
+    ``candidate.code.encode()`` the message and ``CodedModel.decode(...).build()`` the decoder.
+    """
+    trained = train_candidate(spec, config, tokens, train_config, seed=seed, checkpoint_path=checkpoint_path,
+                              progress=progress, log=log)
+    calib = None if trained.spec.subspace is not None else calibration_batch(tokens, config.context_length)
+    code = code_candidate(trained, calib, bits=bits, codebook=codebook, method=method, incoherence=incoherence,
+                          quant_seed=quant_seed)
+    return Candidate(trained=trained, code=code)
+
+
+def evaluate_loss(
+    model: nn.Module,
+    tokens: np.ndarray,
+    num_samples: int,
+    *,
+    seed: int,
+    eot_id: int | None = 0,
+    batch_size: int = 256,
+    progress: bool = False,
+    desc: str = "eval",
+):
+    """Smoothed losses (a :class:`tokenbounds.LossStats`) of ``model`` on ``num_samples`` training
+    tokens drawn uniformly with replacement (seed ``seed``): a sampled estimate of the empirical
+    risk, whose sampling term the bounds pay. The one evaluation path of this package (to be
+    pointed at a full pass once the window engine provides one)."""
+    from ..eval.sample import evaluate_sample, sample_tokens
+
+    sample = sample_tokens(tokens, num_samples, context_length=model.config.context_length, seed=seed,
+                           eot_id=eot_id)
+    return evaluate_sample(model, tokens, sample, batch_size=batch_size, progress=progress, desc=desc)
