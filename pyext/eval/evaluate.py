@@ -34,9 +34,15 @@ import numpy as np
 from ..losses import DEFAULT_ALPHAS
 from .checkpoint import BlockStore, CheckpointError, config_hash
 from .data import DataFile, TokenStreams, prepare_data
-from .evaluation import STATS_FORMAT, CodedSize, Evaluation, ModelInfo, RunInfo, Scoring
+from .evaluation import STATS_FORMAT, CodedSize, RunInfo
 from .fileio import canonical_json, read_json
-from .models import LoadedModel, directory_fingerprint, load_model, tokenizer_code_bits, weights_code_bits
+from .models import (
+    LoadedModel,
+    directory_fingerprint,
+    load_model,
+    tokenizer_code_bits,
+    weights_code_bits,
+)
 from .sample import ContextRule, UnitPlan, Units, plan_units
 from .score import Scorer, batch_slices
 from .stats import EvalState
@@ -231,7 +237,13 @@ def quantize_quick(lm: LoadedModel, bits: int) -> dict[str, Any]:
     import json
     from dataclasses import asdict
 
-    from .quick_quant import QuantizedModel, code_length, dequantize_into, quantize_tensor, unique_parameters
+    from .quick_quant import (
+        QuantizedModel,
+        code_length,
+        dequantize_into,
+        quantize_tensor,
+        unique_parameters,
+    )
 
     model = lm.model
     cfg = model.config

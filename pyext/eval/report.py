@@ -27,7 +27,7 @@ import numpy as np
 from .evaluation import STATS_FORMAT, CodedSize, Evaluation, ModelInfo, RunInfo, Scoring, thaw
 from .fileio import atomic_write_json, atomic_write_text
 
-__all__ = ["build_evaluation", "compute_bounds", "context_length_bounds", "render_report", "write_outputs"]
+__all__ = ["bounds_or_reason", "build_evaluation", "compute_bounds", "context_length_bounds", "render_report", "write_outputs"]
 
 
 # ----------------------------------------------------------------------------- the Evaluation
@@ -112,22 +112,29 @@ def compute_bounds(doc: dict[str, Any], ev: Evaluation):
                       vocab_size=ev.vocab_size, full_pass=ev.scoring.full_pass, topk=(1, 10))
 
 
-def bound_validity(doc: dict[str, Any], table) -> str | None:
-    """None when the table's sampling terms fit the evaluation; else why its numbers are not bounds.
+def bounds_or_reason(doc: dict[str, Any], ev: Evaluation):
+    """(the bound table, None), or (None, why there is none yet).
 
     In the window-unit sampled mode the sample is the s draws, not the tokens of the drawn units:
-    a ``from_stats`` that reads only the per-token statistics uses s = their count and treats
-    the s x S tokens as independent, which is not valid (spec/bounds.md section 3b)."""
+    a ``from_stats`` that reads only the per-token statistics would use s = their count and treat
+    the s x S tokens as independent, which is not valid (spec/bounds.md section 3b). Such a table
+    is never shown; the statistics in stats.json stay complete, so ``tokenbounds bound`` on them
+    gives the bounds once from_stats reads ``unit_stats``."""
     units = doc.get("unit_stats")
+    try:
+        table = compute_bounds(doc, ev)
+    except ValueError as exc:
+        if units is None:
+            raise
+        return None, (f"no bound computed: this tokenbounds.bounds.from_stats does not read the window-unit sample "
+                      f"(UnitStats) and refused the per-token statistics ({exc})")
     if units is None:
-        return None
+        return table, None
     s = table.to_dict().get("inputs", {}).get("s")
     if s == units["draws"]:
-        return None
-    return (f"NOT VALID YET: this tokenbounds.bounds.from_stats computed the sampling terms with s = {s} tokens of the "
-            f"drawn units as if they were independent; the sample is {units['draws']} i.i.d. unit draws "
-            "(UnitStats in stats.json). A from_stats that reads unit_stats gives the valid bounds: rerun "
-            "`tokenbounds bound` on stats.json after upgrading, or use --full-pass / --per-token-contexts")
+        return table, None
+    return None, (f"no bound shown: this tokenbounds.bounds.from_stats used s = {s} tokens of the drawn units as if "
+                  f"they were independent, but the sample is {units['draws']} i.i.d. unit draws")
 
 
 # ----------------------------------------------------------------------------- plots
@@ -138,6 +145,14 @@ def _plots(out: str, table, ev: Evaluation) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
+    uniform = math.log2(ev.vocab_size)
+    if table is not None:
+        written.append(_decomposition_plot(plt, out, table, uniform))
+    written += _loss_plots(plt, out, ev, uniform)
+    return written
+
+
+def _decomposition_plot(plt, out: str, table, uniform: float) -> str:
     rows = [r for r in table.rows() if not r["bound"].startswith("top-") and r["kind"] == "high-probability"]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.8))
     y = np.arange(len(rows))
@@ -147,7 +162,6 @@ def _plots(out: str, table, ev: Evaluation) -> list[str]:
     ax.barh(y, emp, color="#4c72b0", label="empirical")
     ax.barh(y, comp, left=emp, color="#dd8452", label="complexity (or Freedman gap)")
     ax.barh(y, samp, left=emp + comp, color="#55a868", label="sampling")
-    uniform = math.log2(ev.vocab_size)
     ax.axvline(uniform, color="k", ls="--", lw=1, label=f"uniform predictor log2 V = {uniform:.2f}")
     ax.set_yticks(y, [r["bound"] for r in rows], fontsize=8)
     ax.invert_yaxis()
@@ -158,8 +172,11 @@ def _plots(out: str, table, ev: Evaluation) -> list[str]:
     path = os.path.join(out, "bound_decomposition.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path)
+    return path
 
+
+def _loss_plots(plt, out: str, ev: Evaluation, uniform: float) -> list[str]:
+    written = []
     hist = ev.histogram
     counts = np.array(hist["counts"])
     width = hist["bin_width_bits"]
@@ -253,15 +270,17 @@ def render_report(table, ev: Evaluation, plots: list[str], validity: str | None)
     lines.append(f"* mean unsmoothed loss {st['mean_nll_bits']:.4f} bits/token ({st['mean_nll_bits'] * math.log(2):.4f} "
                  f"nats); top-1 error {st['top1_error']:.4f} (over {st['count']:,} tokens with multiplicity)")
     lines += ["", "## Bounds (bits per token unless the row is an error rate)", ""]
-    if validity:
-        lines += [f"**{validity}**", ""]
-    lines += ["```", table.format_table(), "```", ""]
-    lines.append("| bound | value | empirical | complexity / gap | sampling | alpha | vacuous |")
-    lines.append("|---|---:|---:|---:|---:|---:|---|")
-    for r in table.rows():
-        alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
-        lines.append(f"| {r['bound']} | {r['value']:.5f} | {r['empirical']:.5f} | {r['complexity']:.5f} | "
-                     f"{r['sampling']:.5f} | {alpha} | {r['vacuous']} |")
+    if table is None:
+        lines += [f"**{validity}.** The statistics in stats.json are complete: `tokenbounds bound` computes the "
+                  "bounds from them with a from_stats that reads `unit_stats` (the s draws are the sample).", ""]
+    else:
+        lines += ["```", table.format_table(), "```", ""]
+        lines.append("| bound | value | empirical | complexity / gap | sampling | alpha | vacuous |")
+        lines.append("|---|---:|---:|---:|---:|---:|---|")
+        for r in table.rows():
+            alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
+            lines.append(f"| {r['bound']} | {r['value']:.5f} | {r['empirical']:.5f} | {r['complexity']:.5f} | "
+                         f"{r['sampling']:.5f} | {alpha} | {r['vacuous']} |")
     cfg = ev.configuration
     k = int(cfg["configurations_recorded"])
     lines += ["", "## What the bound assumes", "",
@@ -307,14 +326,14 @@ def write_outputs(out: str, total, ev: Evaluation, *, plots: bool = True) -> dic
         doc["unit_stats"] = total.units.state_dict()
     doc["evaluation"] = ev.to_dict()
     atomic_write_json(os.path.join(out, "stats.json"), doc)
-    table = compute_bounds(doc, ev)
-    validity = bound_validity(doc, table)
-    bounds_doc = {"format": "tokenbounds.bounds/1", "valid": validity is None, "validity": validity,
-                  **table.to_dict(), "coded": thaw(ev.coded), "quantization": thaw(ev.model.quantization)}
+    table, validity = bounds_or_reason(doc, ev)
+    bounds_doc = {"format": "tokenbounds.bounds/1", "valid": table is not None, "validity": validity,
+                  **(table.to_dict() if table is not None else {"bounds": {}, "best": None}),
+                  "coded": thaw(ev.coded), "quantization": thaw(ev.model.quantization)}
     atomic_write_json(os.path.join(out, "bounds.json"), bounds_doc)
     written = _plots(out, table, ev) if plots else []
     atomic_write_text(os.path.join(out, "report.md"), render_report(table, ev, written, validity))
-    logging.getLogger("tokenbounds.evaluate").info(
-        "wrote %s/{stats.json,bounds.json,report.md}; best bound %.4f bits/token (%s)%s", out,
-        table.best["bound_bits"], table.best["label"], f" -- {validity}" if validity else "")
+    best = (f"best bound {table.best['bound_bits']:.4f} bits/token ({table.best['label']})" if table is not None
+            else validity)
+    logging.getLogger("tokenbounds.evaluate").info("wrote %s/{stats.json,bounds.json,report.md}; %s", out, best)
     return doc

@@ -86,19 +86,27 @@ class Scorer:
         return {"row": row, "col": col, "position": k, "token": ids, "context": k - rows.start[row],
                 "unit": rows.unit[row]}
 
-    def batch(self, batch_units: np.ndarray, weights: np.ndarray, state: EvalState) -> int:
-        """Score one batch of units into ``state``; returns the number of targets scored."""
+    def batch_losses(self, batch_units: np.ndarray):
+        """Score one batch of units: (its targets as :meth:`targets` gives them, numpy
+        :class:`tokenbounds.TokenLosses` of those targets in the same order)."""
         import torch
 
         rows = rows_for_units(self.units, self.rule, np.asarray(batch_units, dtype=np.int64))
         inp = torch.from_numpy(self.inputs(rows)).to(self.device)
         tg = self.targets(rows)
+        tg["file"] = rows.file[tg["row"]]
         with torch.no_grad():
             hidden = self.head.hidden_states(inp)
             flat = torch.from_numpy(tg["row"] * inp.shape[1] + tg["col"]).to(self.device)
             h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)
             losses = self.head.losses(h, torch.from_numpy(tg["token"]).to(self.device), self.alphas)
-        state.update(losses_to_numpy(losses), tg["context"], tg["unit"], np.asarray(weights, dtype=np.int64))
+        return tg, losses_to_numpy(losses)
+
+    def batch(self, batch_units: np.ndarray, weights: np.ndarray, state: EvalState) -> int:
+        """Score one batch of units (drawn ``weights`` times each) into ``state``; returns the
+        number of targets scored."""
+        tg, losses = self.batch_losses(batch_units)
+        state.update(losses, tg["context"], tg["unit"], np.asarray(weights, dtype=np.int64))
         return int(tg["token"].size)
 
     def score(self, plan: UnitPlan, batch_size: int, *, state: EvalState | None = None,
