@@ -20,7 +20,6 @@ checkpoint is never silently used or ignored.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -68,14 +67,13 @@ def _read(path: str, what: str) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {what} {path} is corrupt (unreadable JSON: {exc}); {HINT}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or "payload" not in doc:
         raise CheckpointError(f"checkpoint {what} {path} is corrupt (not a {FORMAT} file); {HINT}")
-    if hashlib.sha256(canonical_json(doc["payload"]).encode()).hexdigest() != doc.get("payload_sha256"):
+    if json_sha256(doc["payload"]) != doc.get("payload_sha256"):
         raise CheckpointError(f"checkpoint {what} {path} is corrupt (payload sha256 mismatch); {HINT}")
     return doc["payload"]
 
 
 def _write(path: str, payload: dict[str, Any]) -> None:
-    body = canonical_json(payload)
-    doc = {"format": FORMAT, "payload_sha256": hashlib.sha256(body.encode()).hexdigest(), "payload": payload}
+    doc = {"format": FORMAT, "payload_sha256": json_sha256(payload), "payload": payload}
     atomic_write_text(path, json.dumps(doc, allow_nan=True))
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 __all__ = [
     "HASH_FULL_LIMIT_BYTES",
+    "arrays_sha256",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -112,6 +113,17 @@ def json_sha256(obj: Any) -> str:
 def short_hash(obj: Any, length: int = 16) -> str:
     """The first ``length`` hex digits of :func:`json_sha256` (cache keys, directory names)."""
     return json_sha256(obj)[:length]
+
+
+def arrays_sha256(*arrays: Any) -> str:
+    """sha256 of integer arrays as little-endian int64, in order (records which positions or
+    units were evaluated)."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, dtype="<i8").tobytes())
+    return h.hexdigest()
 
 
 def file_digest(path: str, limit: int = HASH_FULL_LIMIT_BYTES) -> dict[str, Any]:

@@ -47,13 +47,13 @@ tokens and there is no sampling term.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .data import TokenStreams
+from .fileio import arrays_sha256
 
 __all__ = [
     "MODES",
@@ -72,10 +72,7 @@ MODES = ("windows", "per-token")
 
 def positions_digest(*arrays: np.ndarray) -> str:
     """sha256 of int64 arrays (little-endian, in order): records which tokens were evaluated."""
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a, dtype="<i8").tobytes())
-    return h.hexdigest()
+    return arrays_sha256(*arrays)
 
 
 @dataclass(frozen=True)
