@@ -244,6 +244,7 @@ def equal_compute_bounds(lm, tokens, T, F, batch, coded_bits):
     # per-token contexts: F forward passes, s = F tokens
     st, plan, sec = score(ContextRule("per-token", T, 1, prefix), F, 1, False)
     emp, var = st.stats.mean[i], st.stats.variance_bits[i]
+    out["_variances"] = {"per_token": float(var)}
     for kind in ("hoeffding", "bernstein"):
         b = token_bound(float(emp), sample_tokens=F, sampling=kind, variance_bits=float(var), **kw)
         out[f"per-token contexts, {kind}" + (" (the paper)" if kind == "hoeffding" else "")] = (
@@ -251,6 +252,7 @@ def equal_compute_bounds(lm, tokens, T, F, batch, coded_bits):
     # window units: F draws (about F distinct windows), s = F draws of unit means
     st, plan, sec = score(ContextRule("windows", T, S, prefix), F, 1, True)
     u = st.units
+    out["_variances"]["unit_means"] = float(u.variance_bits[i])
     b = token_bound(float(u.mean_bits[ALPHA]), sample_tokens=F, sampling="bernstein",
                     variance_bits=float(u.variance_bits[i]), **kw)
     out["window units, empirical Bernstein (s = draws)"] = (b, F, plan.units.size, sec)
@@ -259,6 +261,21 @@ def equal_compute_bounds(lm, tokens, T, F, batch, coded_bits):
     b = token_bound(float(st.stats.mean[i]), sample_tokens=None, **kw)
     out["full pass (no sampling term)"] = (b, m, plan.units.size, sec)
     return out, m
+
+
+def projected_terms(variances: dict[str, float], vocab: int, draws=(1_000, 10_000, 100_000)) -> list[list]:
+    """The empirical Bernstein sampling term at more draws, from the variances measured above
+    (the per-token variance and the variance of unit means): a projection, not a measurement."""
+    from tokenbounds.bounds import bernstein_term
+    from tokenbounds.bounds.prior import loss_range_bits
+
+    rng = loss_range_bits(ALPHA, vocab)
+    rows = []
+    for s in draws:
+        pt = bernstein_term(rng, s, DELTA, variances["per_token"])
+        un = bernstein_term(rng, s, DELTA, variances["unit_means"])
+        rows.append([s, pt, un, un / pt])
+    return rows
 
 
 def prefix_effect(lm, tokens, T, n_windows, batch):
@@ -323,6 +340,7 @@ def main() -> int:
         F = 8 if quick else 48
         coded = 8.0 * lm.quantization["gguf_bytes"]
         eq, m = equal_compute_bounds(lm, models[0][3], 128, F, 4, coded)
+        variances = eq.pop("_variances")
         brow = [[k, v[1], v[2], v[0].empirical_bits, v[0].complexity_bits, v[0].sampling_bits, v[0].bound_bits, v[3]]
                 for k, v in eq.items()]
         lines += ["", f"### The bound at equal forward compute (SmolLM2-135M, T = 128, F = {F} forward passes, "
@@ -335,7 +353,15 @@ def main() -> int:
                      "The unit row is token_bound on the UnitStats mean and variance of the unit means with s = the "
                      "draws (bernstein_term on unit means, spec 3b), computed here until from_stats reads unit_stats. "
                      "The complexity term is vacuous at this m (a 135M-parameter model on a few thousand tokens): "
-                     "the table compares the sampling terms.")
+                     "the table compares the sampling terms. At small s the linear part of empirical Bernstein, "
+                     "7 Delta ln(2/delta) / (3 (s - 1)), is the same for both and dominates; the variance gain shows "
+                     "as s grows:")
+        proj = projected_terms(variances, models[0][2].vocab_size)
+        lines += ["", markdown_table(["draws s", "per-token EB term", "window-unit EB term", "ratio"], proj), "",
+                  f"(projection with `bernstein_term` from the variances measured above: per-token "
+                  f"{variances['per_token']:.3f} bits^2, unit means {variances['unit_means']:.3f} bits^2; "
+                  "delta = 0.05 for both, alpha = 0.1)"]
+        data["variances_bits2"] = variances
         data["equal_compute"] = {k: {"bound": v[0].to_dict(), "s": v[1], "forward_passes": v[2], "seconds": v[3]}
                                  for k, v in eq.items()}
         pe = prefix_effect(lm, models[0][3], 128, 2 if quick else 8, 4)
