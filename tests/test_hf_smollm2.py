@@ -33,8 +33,8 @@ def test_smollm2_fused_equals_logits_and_report(tmp_path):
     from tokenbounds import smoothed_nll
     from tokenbounds.cli import main
     from tokenbounds.eval.data import TINY_TEXT
-    from tokenbounds.eval.models import load_model
     from tokenbounds.eval.hf import FusedHead
+    from tokenbounds.eval.models import load_model
 
     lm = load_model(FOLDER, gguf_file=GGUF)
     assert lm.quantization["already_quantized"] and lm.quantization["weight_bits"] == 4
