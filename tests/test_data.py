@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from tokenbounds.eval import data, quick_quant, sample, train
+from tokenbounds.eval import data, quick_quant, train
 from tokenbounds.models.gpt import GPT, GPTConfig
 
 
@@ -96,67 +96,45 @@ def _toy_tokens():
     return np.array([0, 1, 2, 3, 0, 4, 0, 5, 6, 7, 8, 9, 10, 0, 11, 12, 0], dtype=np.uint16)
 
 
-def test_boundary_starts_exact():
+def test_token_streams_locate_points_and_end_of_text():
     toks = _toy_tokens()
+    streams = data.TokenStreams([toks, toks[:5]], eot_id=0)
+    assert streams.num_points == (toks.size - 1) + 4
+    f, k = streams.locate(np.arange(streams.num_points))
+    assert f.tolist() == [0] * (toks.size - 1) + [1] * 4
+    assert k.tolist() == list(range(1, toks.size)) + [1, 2, 3, 4]
     pos = np.arange(1, toks.size)
-    starts = sample.boundary_starts(toks, pos, context_length=3, eot_id=0)
-    expected = []
-    for i in pos:
-        last_eot = max(j for j in range(i) if toks[j] == 0)
-        expected.append(max(i - 3, last_eot))
-    assert starts.tolist() == expected
-    assert sample.boundary_starts(toks, pos, 3, None).tolist() == [max(0, i - 3) for i in pos]
+    last = streams.last_eot_before(0, pos)
+    assert last.tolist() == [max(j for j in range(i) if toks[j] == 0) for i in pos]
+    assert streams.eots(0).tolist() == np.flatnonzero(toks == 0).tolist()
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        data.TokenStreams([toks[:1]])
 
 
-def test_sampling_never_crosses_a_document_and_is_seeded(tiny_corpus):
-    toks = np.asarray(tiny_corpus.tokens())
-    s1 = sample.sample_tokens(toks, 3000, context_length=16, seed=7, eot_id=0)
-    s2 = sample.sample_tokens(toks, 3000, context_length=16, seed=7, eot_id=0)
-    s3 = sample.sample_tokens(toks, 3000, context_length=16, seed=8, eot_id=0)
-    assert np.array_equal(s1.positions, s2.positions) and s1.digest() == s2.digest()
-    assert not np.array_equal(s1.positions, s3.positions)
-    assert s1.positions.min() >= 1 and s1.positions.max() <= toks.size - 1
-    lengths = s1.context_lengths
-    assert lengths.min() >= 1 and lengths.max() <= 16
-    for p, st in zip(s1.positions, s1.starts, strict=True):
-        ctx = toks[st:p]
-        # the context holds no EOT except possibly its first token (the document start)
-        assert not (ctx[1:] == 0).any()
-        # and it is maximal: it reaches back context_length tokens or to the document's EOT
-        assert p - st == 16 or ctx[0] == 0
-    # with replacement: in 3000 draws from ~8600 positions, duplicates are expected
-    assert np.unique(s1.positions).size < s1.positions.size
-    d = s1.to_dict()
-    assert d["seed"] == 7 and d["num_samples"] == 3000 and d["population_tokens"] == toks.size - 1
+def test_window_scoring_matches_full_logits(tiny_corpus):
+    """The engine's full pass over a corpus equals each target scored from the full logits of
+    its own context (the window rule restated)."""
+    from tokenbounds.eval.hf import FusedHead
+    from tokenbounds.eval.sample import ContextRule, Units, plan_units
+    from tokenbounds.eval.score import Scorer
 
-
-def test_batches_match_direct_contexts(tiny_corpus):
-    toks = np.asarray(tiny_corpus.tokens())
-    smp = sample.sample_tokens(toks, 50, context_length=12, seed=3)
-    seen = 0
-    for order, inputs, last, targets in sample.iter_batches(toks, smp, batch_size=16):
-        for r, k in enumerate(order):
-            p, st = smp.positions[k], smp.starts[k]
-            assert last[r] == p - st - 1
-            assert inputs[r, : p - st].tolist() == toks[st:p].tolist()
-            assert targets[r] == toks[p]
-        seen += len(order)
-    assert seen == 50
-
-
-def test_evaluate_sample_matches_full_logits(tiny_corpus):
     torch.manual_seed(0)
-    toks = np.asarray(tiny_corpus.tokens())
+    toks = np.asarray(tiny_corpus.tokens())[:600]
     model = GPT(GPTConfig(vocab_size=tiny_corpus.vocab_size, context_length=12, n_layer=1, n_head=2, d_model=16))
-    smp = sample.sample_tokens(toks, 40, context_length=12, seed=5)
-    stats = sample.evaluate_sample(model, toks, smp, alphas=(0.0, 0.1), batch_size=7)
-    assert stats.count == 40
+    streams = data.TokenStreams([toks], 0)
+    rule = ContextRule("windows", 12, 5)
+    units = Units(streams, 5)
+    state = Scorer(FusedHead(model), streams, units, rule, (0.0, 0.1)).score(
+        plan_units(units, rule, sample_tokens=None, seed=0), batch_size=7)
+    assert state.stats.count == toks.size - 1
     nll = []
     with torch.no_grad():
-        for p, st in zip(smp.positions, smp.starts, strict=True):
-            logits = model(torch.from_numpy(toks[st:p].astype(np.int64))[None])[0, -1].double()
-            nll.append(-torch.log_softmax(logits, -1)[int(toks[p])].item() / math.log(2))
-    assert stats.mean_bits[0.0] == pytest.approx(float(np.mean(nll)), rel=1e-4)
+        for k in range(1, toks.size):
+            last = min(((k - 1) // 5 + 1) * 5, toks.size - 1)
+            st = max(0, last - 12)
+            logits = model(torch.from_numpy(toks[st:k].astype(np.int64))[None])[0, -1].double()
+            nll.append(-torch.log_softmax(logits, -1)[int(toks[k])].item() / math.log(2))
+    assert state.stats.mean_bits[0.0] == pytest.approx(float(np.mean(nll)), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- quantization

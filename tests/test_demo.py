@@ -20,8 +20,7 @@ def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     out = capsys.readouterr().out
-    for opt in ("--cache-dir", "--out", "--tiny", "--fresh", "--sample-tokens", "--delta", "--no-progress",
-                "--threads"):
+    for opt in ("--cache-dir", "--out", "--tiny", "--fresh", "--delta", "--no-progress", "--threads"):
         assert opt in out
     parser = build_parser()
     demo = parser._subparsers._group_actions[0].choices["demo"]
@@ -66,14 +65,19 @@ def test_tiny_end_to_end_outputs(tiny_run):
         t = m["bounds"]["bounds"]["token (union, Hoeffding)"]
         assert t["bound_bits"] == pytest.approx(t["empirical_bits"] + t["complexity_bits"] + t["sampling_bits"])
         assert t["vacuous"] == (t["bound_bits"] >= math.log2(res["vocab_size"]))
-        # statistics saved for recomputation, s sampled tokens of the quantized model
-        stats = LossStats.from_json(open(m["stats_file"]).read())
-        assert stats.count == res["config"]["sample_tokens"] == res["sample"]["num_samples"]
+        # statistics saved for recomputation: a full pass, every data point once, no sampling term
+        doc = json.loads(open(m["stats_file"]).read())
+        stats = LossStats.from_state_dict(doc)
+        assert stats.count == res["train_tokens_m"] and doc["evaluation"]["scoring"]["full_pass"]
+        assert all(r["sampling"] == 0 for r in m["rows"] if r["kind"] == "high-probability")
         assert m["training"]["steps"] >= 1 and m["training"]["tokens"] > 0
         q = m["quantization"]
         assert q["bits_per_parameter"] == pytest.approx(q["model_coded_bits"] / m["parameters"])
         assert q["gap_nll_bits"] == pytest.approx(
-            m["losses"]["quantized_nll_bits_head"] - m["losses"]["unquantized_nll_bits_head"])
+            m["losses"]["quantized_nll_bits"] - m["losses"]["unquantized_nll_bits"])
+        # the trained model directory carries the tokenizer it was trained with
+        assert os.path.exists(os.path.join(m["cache_directory"], "model", "tokenizer.json"))
+    assert "no sampling term left to pay" in md
 
 
 def test_choice_cost_is_applied(tiny_run):
@@ -92,41 +96,47 @@ def test_choice_cost_is_applied(tiny_run):
         assert q["chosen"] == min(q["candidates"], key=lambda c: c["predicted_bound_bits"])["label"]
         # the reported bounds are what from_stats gives with those bits, and paying raises them
         table = from_stats(m["stats_file"], cl["coded_bits"], res["train_tokens_m"], delta=cfg["delta"],
-                           extra_bits=cl["extra_bits"], vocab_size=res["vocab_size"])
+                           extra_bits=cl["extra_bits"], vocab_size=res["vocab_size"], full_pass=True)
         rep = m["bounds"]["bounds"]["token (union, Hoeffding)"]["bound_bits"]
         assert table.bounds["token (union, Hoeffding)"].bound_bits == pytest.approx(rep, rel=1e-12)
-        st = LossStats.from_json(open(m["stats_file"]).read())
+        st = LossStats.from_state_dict(json.loads(open(m["stats_file"]).read()))
         unpaid = token_bound(st.mean_bits, coded_bits=cl["coded_bits"], train_tokens=res["train_tokens_m"],
-                             sample_tokens=st.count, vocab_size=res["vocab_size"], delta=cfg["delta"],
+                             sample_tokens=None, vocab_size=res["vocab_size"], delta=cfg["delta"],
                              extra_bits=cfg["selection_bits"])
         assert unpaid.bound_bits < rep
-        # the bound sample is not the selection sample
-        assert q["selection_sample"]["positions_sha256"] != res["sample"]["positions_sha256"]
+        # the selection sample is a window-unit sample with a seed used nowhere else
+        sel = q["selection_sample"]
+        assert sel["draws"] == cfg["select_tokens"] and sel["seed"] == cfg["select_seed"]
+        other_seeds = {cfg["seed"], cfg["calibration_seed"]} | {c["seed"] for c in q["candidates"]}
+        assert cfg["select_seed"] not in other_seeds
 
 
 def test_bound_is_on_the_decoded_model(tiny_run):
-    """Decode the chosen model's message, evaluate it on the recorded sample: same statistics."""
+    """Decode the chosen model's message and score it with `tokenbounds evaluate` in a full pass
+    of the same windows: the same statistics as the demo's (one scoring engine)."""
     import torch
-    from tokenbounds.eval.data import load_tokens
-    from tokenbounds.eval.sample import evaluate_sample, sample_tokens
+    from tokenbounds.cli import main as cli
     from tokenbounds.models.gpt import GPT
     from tokenbounds.quant import QuantizedModel
 
-    _, _, _, res = tiny_run
+    root, _, _, res = tiny_run
     m = res["models"][-1]
     qm = torch.load(m["quantization"]["file"], weights_only=False)
     decoded = QuantizedModel.decode(qm.encode())
     model = decoded.dequantized_model(GPT.load(os.path.join(m["cache_directory"], "model")))
+    mdir = root / "decoded"
+    model.save(str(mdir))
     corpus = res["corpus"]
-    tokens = load_tokens(os.path.join(corpus["directory"], "tokens.bin"), corpus["dtype"])
-    smp = sample_tokens(tokens, res["sample"]["num_samples"], context_length=res["config"]["context_length"],
-                        seed=res["sample"]["seed"], eot_id=corpus["eot_id"])
-    assert smp.digest() == res["sample"]["positions_sha256"]
-    st = evaluate_sample(model, tokens, smp)
-    saved = LossStats.from_json(open(m["stats_file"]).read())
-    assert st.count == saved.count
+    sc = res["scoring"]
+    assert cli(["evaluate", "--model", str(mdir), "--data", os.path.join(corpus["directory"], "tokens.bin"),
+                "--out", str(root / "ev"), "--window", str(sc["window"]), "--stride", str(sc["stride"]),
+                "--batch-size", str(res["config"]["eval_batch_size"]), "--no-progress", "--no-plots",
+                "--coded-bits", str(m["code_length"]["coded_bits"]), "--threads", "1"]) == 0
+    ours = LossStats.from_state_dict(json.loads((root / "ev" / "stats.json").read_text()))
+    saved = LossStats.from_state_dict(json.loads(open(m["stats_file"]).read()))
+    assert ours.count == saved.count == res["train_tokens_m"]
     for a in saved.alphas:
-        assert st.mean_bits[a] == pytest.approx(saved.mean_bits[a], rel=1e-6)
+        assert ours.mean_bits[a] == pytest.approx(saved.mean_bits[a], rel=1e-9)
 
 
 def test_rerun_reuses_cache(tiny_run, capsys):
@@ -172,8 +182,8 @@ def test_bad_arguments(tmp_path, capsys):
     base = ["demo", "--tiny", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--no-progress"]
     assert main([*base, "--delta", "1.5"]) == 2
     assert "--delta" in capsys.readouterr().out
-    assert main([*base, "--sample-tokens", "1"]) == 2
-    assert "--sample-tokens" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the demo always makes full passes now
+        main([*base, "--sample-tokens", "10"])
 
 
 def test_console_script_help():

@@ -1,4 +1,5 @@
-"""`tokenbounds evaluate` under torchrun with 2 CPU processes (gloo) equals the single-process run."""
+"""`tokenbounds evaluate` under torchrun with 2 CPU processes (gloo) equals the single-process run
+(window units, sampled: per-token and per-unit statistics bit-identical)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def test_torchrun_two_processes_equals_single(tmp_path):
 
     def args(out):
         return ["evaluate", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.bin"),
-                "--sample-tokens", "80", "--out", str(out), "--context-length", "24", "--batch-size", "8",
+                "--sample-tokens", "300", "--out", str(out), "--window", "24", "--batch-size", "4",
                 "--checkpoint-every", "1", "--no-progress", "--no-plots", "--threads", "1", "--device", "cpu"]
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
@@ -39,11 +40,14 @@ def test_torchrun_two_processes_equals_single(tmp_path):
     d = json.loads((tmp_path / "dist" / "stats.json").read_text())
     s = json.loads((tmp_path / "single" / "stats.json").read_text())
     assert d["evaluation"]["run"]["world_size"] == 2 and s["evaluation"]["run"]["world_size"] == 1
-    assert d["count"] == 80
-    # bit-identical statistics: same blocks, merged in block order
-    assert d["evaluation"]["eval_state"] == s["evaluation"]["eval_state"]
+    assert d["unit_stats"]["draws"] == 300 and d["evaluation"]["scoring"]["mode"] == "windows"
+    # bit-identical statistics (per token, per unit, histogram, by context length): same blocks,
+    # merged in block order
     assert {k: v for k, v in d.items() if k != "evaluation"} == {k: v for k, v in s.items() if k != "evaluation"}
-    # each rank evaluated about half of the tokens and wrote its own checkpoint + log
-    assert (tmp_path / "dist" / "checkpoint.rank1of2.json").exists()
+    for key in ("histogram", "by_context_length", "summary"):
+        assert d["evaluation"][key] == s["evaluation"][key]
+    # each rank evaluated about half of the units, wrote its blocks and its own log
+    scored = d["evaluation"]["scoring"]["scored_tokens"]
+    assert 0 < d["evaluation"]["run"]["tokens_this_run_rank0"] < scored
+    assert len(os.listdir(tmp_path / "dist" / "checkpoint")) == d["evaluation"]["run"]["blocks"] + 1
     assert (tmp_path / "dist" / "evaluate.rank1.log").exists()
-    assert 0 < d["evaluation"]["run"]["tokens_this_run_rank0"] < 80

@@ -33,8 +33,8 @@ def test_smollm2_fused_equals_logits_and_report(tmp_path):
     from tokenbounds import smoothed_nll
     from tokenbounds.cli import main
     from tokenbounds.eval.data import TINY_TEXT
-    from tokenbounds.eval.evaluate import load_model
     from tokenbounds.eval.hf import FusedHead
+    from tokenbounds.eval.models import load_model
 
     lm = load_model(FOLDER, gguf_file=GGUF)
     assert lm.quantization["already_quantized"] and lm.quantization["weight_bits"] == 4
@@ -59,9 +59,10 @@ def test_smollm2_fused_equals_logits_and_report(tmp_path):
     corpus.write_text(text or TINY_TEXT * 4)
     out = tmp_path / "run"
     assert main(["evaluate", "--model", FOLDER, "--data", str(corpus), "--sample-tokens", "32", "--out", str(out),
-                 "--context-length", "64", "--batch-size", "8", "--no-progress"]) == 0
+                 "--window", "64", "--batch-size", "8", "--no-progress"]) == 0
     report = (out / "report.md").read_text()
     assert "already quantized" in report and "Q4_1" in report and "4-bit" in report
     ev = json.loads((out / "stats.json").read_text())["evaluation"]
     assert ev["coded"]["method"] == "GGUF file size" and ev["vocab_size"] == 49152
-    assert ev["loss_stats_summary"]["mean_nll_bits"] < 8.0
+    assert ev["summary"]["mean_nll_bits"] < 8.0
+    assert lm.bos_id is not None and ev["scoring"]["prefix_token"] == lm.bos_id  # auto: the tokenizer's BOS

@@ -1,7 +1,8 @@
 """`tokenbounds demo`: the full pipeline (issue 6) — three GPT models of increasing size trained
 at a compute-optimal token budget on an offline corpus, each quantized with the best of a paid
-grid of `tokenbounds.quant` quantizers, evaluated on 10^5 sampled training tokens with the fused
-kernels, and every bound reported in one table (markdown + JSON) and one PNG plot.
+grid of `tokenbounds.quant` quantizers, evaluated in a full pass over every training token (the
+engine of `tokenbounds evaluate`: windows, fused head; no sampling term), and every bound reported
+in one table (markdown + JSON) and one PNG plot.
 
 The steps and the accounting are documented in :mod:`tokenbounds.eval.pipeline`.
 """
@@ -28,9 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where corpora, downloads, trained and quantized models and statistics are cached")
     p.add_argument("--fresh", action="store_true",
                    help="retrain the models (and redo quantization and evaluation) even if cached")
-    p.add_argument("--sample-tokens", type=int, default=None,
-                   help="s: training tokens drawn uniformly with replacement for each bound "
-                        "(default 100000; 1000 with --tiny)")
     p.add_argument("--delta", type=float, default=None, help="failure probability of each bound (default 0.05)")
     p.add_argument("--tiny", action="store_true",
                    help="a seconds-long run on a built-in text with 3 tiny models (for tests; vacuous bounds)")
@@ -50,13 +48,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import dataclasses
-    import json
     import os
+    import shutil
     import time
 
     import torch
 
     from ..eval.data import CorpusUnavailable
+    from ..eval.fileio import atomic_path, atomic_write_json, atomic_write_text
     from ..eval.pipeline import (
         DEMO_CONFIG,
         TINY_CONFIG,
@@ -69,12 +68,6 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     cfg = TINY_CONFIG if args.tiny else DEMO_CONFIG
     changes = {}
-    if args.sample_tokens is not None:
-        if args.sample_tokens < 2:
-            print(f"error: --sample-tokens must be >= 2, got {args.sample_tokens}")
-            return 2
-        changes["sample_tokens"] = args.sample_tokens
-        changes["gap_tokens"] = min(cfg.gap_tokens, args.sample_tokens)
     if args.delta is not None:
         if not 0 < args.delta < 1:
             print(f"error: --delta must lie in (0, 1), got {args.delta}")
@@ -86,8 +79,8 @@ def _run(args: argparse.Namespace) -> int:
     threads = choose_threads(args.threads)
     torch.set_num_threads(threads)
     print(f"tokenbounds demo: {len(cfg.sizes)} models, D = {cfg.tokens_per_parameter:g} N tokens each, "
-          f"{len(cfg.grid)} quantizer candidates, s = {cfg.sample_tokens:,} sampled tokens, "
-          f"{threads} thread(s)")
+          f"{len(cfg.grid)} quantizer candidates, a full pass over the corpus per model (windows of "
+          f"{cfg.context_length} tokens scoring {cfg.eval_stride}), {threads} thread(s)")
     try:
         result = run_pipeline(cfg, args.cache_dir, fresh=args.fresh, progress=not args.no_progress)
     except CorpusUnavailable as e:
@@ -101,19 +94,15 @@ def _run(args: argparse.Namespace) -> int:
     os.makedirs(os.path.join(out, "stats"), exist_ok=True)
     for m in result["models"]:
         dst = os.path.join(out, "stats", f"{m['name']}.json")
-        with open(m["stats_path"]) as f, open(dst + ".tmp", "w") as g:
-            g.write(f.read())
-        os.replace(dst + ".tmp", dst)
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(m["stats_path"], tmp)
         m["stats_file"] = dst
     result["seconds"]["wall_total"] = time.perf_counter() - t0
     result["torch_threads"] = threads
     png = plot_scaling(result, os.path.join(out, "bounds.png"))
     md = format_markdown(result)
-    for path, text in ((os.path.join(out, "report.md"), md),
-                       (os.path.join(out, "results.json"), json.dumps(result, indent=1, default=float))):
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+    atomic_write_text(os.path.join(out, "report.md"), md)
+    atomic_write_json(os.path.join(out, "results.json"), result)
 
     print()
     table = md.split("\n\n")[2]  # the summary table
@@ -126,5 +115,5 @@ def _run(args: argparse.Namespace) -> int:
     m0 = result["models"][0]
     print("every bound of one model from its statistics: tokenbounds bound --stats "
           f"{m0['stats_file']} --coded-bits {m0['code_length']['coded_bits']!r} --train-tokens "
-          f"{result['train_tokens_m']} --extra-bits {result['extra_bits']!r} --delta {cfg.delta:g}")
+          f"{result['train_tokens_m']} --extra-bits {result['extra_bits']!r} --delta {cfg.delta:g} --full-pass")
     return 0

@@ -32,27 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(directory: str):
-    """A tokenbounds GPT directory, else a local Hugging Face causal LM (if transformers is installed)."""
-    import json
+    """A tokenbounds GPT directory or a local Hugging Face causal LM (:func:`tokenbounds.eval.models.load_model`,
+    eager attention: SDPA has no double backward on CPU); returns (model, model type)."""
     import os
 
-    cfg_path = os.path.join(directory, "config.json")
-    if not os.path.exists(cfg_path):
-        raise ValueError(f"{directory} has no config.json: pass a model directory")
-    with open(cfg_path) as f:
-        model_type = json.load(f).get("model_type")
-    if model_type == "tokenbounds-gpt":
-        from tokenbounds.models.gpt import GPT
+    from tokenbounds.eval.models import load_model as load
 
-        return GPT.load(directory), model_type
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError as err:
-        raise ValueError(
-            f"{directory} is a {model_type!r} model; loading it needs the transformers package "
-            f"({err}). Install transformers or pass a tokenbounds GPT directory."
-        ) from err
-    return AutoModelForCausalLM.from_pretrained(directory, local_files_only=True), model_type
+    if not os.path.exists(os.path.join(directory, "config.json")):
+        raise ValueError(f"{directory} has no config.json: pass a model directory")
+    lm = load(directory, attn_implementation="eager")
+    return lm.model, lm.kind.removeprefix("hf:")
 
 
 def sample_batches(path: str, dtype: str, vocab_size: int, batch_size: int, seq_len: int, num_batches: int,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import glob
 import gzip
-import hashlib
 import json
 import math
 import os
@@ -31,11 +30,12 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from .fileio import atomic_path, atomic_write_json, file_sha256, read_json, short_hash
 
 EOT = "<|endoftext|>"
 KNOWN_SOURCES = ("kjv", "shakespeare", "gcide")
@@ -247,10 +247,8 @@ def write_tokens(path: str, ids: np.ndarray) -> None:
     ids = np.asarray(ids)
     if ids.dtype not in (np.uint16, np.uint32):
         raise TypeError(f"token ids must be uint16 or uint32, got {ids.dtype}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    ids.astype(ids.dtype.newbyteorder("<"), copy=False).tofile(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        ids.astype(ids.dtype.newbyteorder("<"), copy=False).tofile(tmp)
 
 
 def load_tokens(path: str, dtype: str | np.dtype = "uint16") -> np.memmap:
@@ -262,14 +260,6 @@ def load_tokens(path: str, dtype: str | np.dtype = "uint16") -> np.memmap:
     if size % dt.itemsize:
         raise ValueError(f"{path}: size {size} is not a multiple of {dt.itemsize} ({dt}); wrong dtype?")
     return np.memmap(path, dtype=dt, mode="r")
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -332,9 +322,9 @@ def tokenizer_training_documents(docs: Sequence[str], max_bytes: int) -> list[st
 
 def corpus_key(sources: Sequence[str], vocab_size: int, tokenizer_max_bytes: int = TOKENIZER_MAX_BYTES) -> str:
     """Cache directory name for a corpus build (changes when the recipe changes)."""
-    recipe = json.dumps({"format": FORMAT, "sources": list(sources), "vocab_size": int(vocab_size),
-                         "tokenizer_max_bytes": int(tokenizer_max_bytes)})
-    return f"{'+'.join(sources)}-v{vocab_size}-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
+    recipe = {"format": FORMAT, "sources": list(sources), "vocab_size": int(vocab_size),
+              "tokenizer_max_bytes": int(tokenizer_max_bytes)}
+    return f"{'+'.join(sources)}-v{vocab_size}-{short_hash(recipe, 10)}"
 
 
 def build_corpus(
@@ -360,8 +350,7 @@ def build_corpus(
     directory = os.path.join(cache_dir, "corpora", corpus_key(sources, vocab_size, tokenizer_max_bytes))
     meta_path = os.path.join(directory, "meta.json")
     if not rebuild and os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = read_json(meta_path)
         meta.pop("format", None)
         corpus = Corpus(**{**meta, "directory": directory})
         if os.path.exists(corpus.tokens_path) and os.path.getsize(corpus.tokens_path) == corpus.n_tokens * np.dtype(corpus.dtype).itemsize:
@@ -375,9 +364,8 @@ def build_corpus(
     tok = train_tokenizer(tokenizer_training_documents(docs, tokenizer_max_bytes), vocab_size)
     ids = encode_documents(tok, docs, eot_id=0)
     os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        tok.save(os.path.join(tmp, "tokenizer.json"))
-        os.replace(os.path.join(tmp, "tokenizer.json"), os.path.join(directory, "tokenizer.json"))
+    with atomic_path(os.path.join(directory, "tokenizer.json")) as tmp:
+        tok.save(tmp)
     corpus = Corpus(
         directory=directory,
         sources=sources,
@@ -394,8 +382,140 @@ def build_corpus(
     write_tokens(corpus.tokens_path, ids)
     corpus.tokens_sha256 = file_sha256(corpus.tokens_path)
     corpus.build_seconds = round(time.perf_counter() - t0, 3)
-    tmp_meta = meta_path + ".tmp"
-    with open(tmp_meta, "w") as f:
-        json.dump(corpus.to_dict(), f, indent=1)
-    os.replace(tmp_meta, meta_path)  # written last: its presence marks a complete build
+    atomic_write_json(meta_path, corpus.to_dict())  # written last: its presence marks a complete build
     return corpus
+
+
+# ----------------------------------------------------------------------------- evaluation data
+@dataclass
+class DataFile:
+    """One data file of an evaluation, memory-mapped, with its provenance (``info``)."""
+
+    path: str
+    source: str
+    tokens: np.ndarray
+    info: dict
+
+
+def read_documents(path: str, text_field: str = "text", eot_text: str | None = EOT) -> list[str]:
+    """Documents of a ``.jsonl`` file (one record per line: a string or a dict with
+    ``text_field``) or of a ``.txt`` file (split at ``eot_text`` when it occurs, else one)."""
+    if path.endswith(".jsonl"):
+        docs = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                rec = json.loads(line)
+                if isinstance(rec, str):
+                    docs.append(rec)
+                elif isinstance(rec, dict) and text_field in rec:
+                    docs.append(str(rec[text_field]))
+                else:
+                    raise ValueError(f"{path}:{lineno}: no field {text_field!r} (choose one with --text-field)")
+        return docs
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if eot_text and eot_text in text:
+        return [d for d in text.split(eot_text) if d.strip()]
+    return [text]
+
+
+def _tokenize_documents(tokenizer, docs: Sequence[str], eot_id: int, dtype) -> np.ndarray:
+    eot = np.array([eot_id], dtype=dtype)
+    parts: list[np.ndarray] = []
+    for ids in tokenizer(docs):
+        parts.append(eot)
+        parts.append(np.asarray(ids, dtype=dtype))
+    parts.append(eot)
+    return np.concatenate(parts)
+
+
+def prepare_data(paths: Sequence[str], *, tokenizer=None, tokenizer_files: Sequence[str] = (),
+                 token_dtype: str = "uint16", eot_id: int = 0, cache_dir: str, text_field: str = "text",
+                 eot_text: str | None = EOT, vocab_size: int | None = None) -> list[DataFile]:
+    """Memory-map every data file: ``.bin`` token files directly, ``.txt`` / ``.jsonl`` text
+    tokenized once with ``tokenizer`` (``list[str] -> list[list[int]]``) into ``cache_dir`` as
+    ``EOT d1 EOT d2 ... EOT`` (the cache key hashes the text, the tokenizer files, the EOT id
+    and the field). Every file must hold at least 2 tokens (one data point)."""
+    from .fileio import file_digest, json_sha256
+
+    out = []
+    for path in paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--data {path} does not exist")
+        h = file_digest(path)
+        prov = {"path": os.path.abspath(path), **{k: h[k] for k in ("sha256", "bytes", "method")}}
+        if path.endswith((".txt", ".jsonl")):
+            if tokenizer is None:
+                raise ValueError(f"{path} is text but the model directory has no tokenizer; pass --tokenizer DIR or "
+                                 "tokenize it to a .bin token file first")
+            tok_sha = json_sha256([file_sha256(p) for p in tokenizer_files])
+            key = json_sha256([h["sha256"], tok_sha, eot_id, text_field])
+            dt = np.uint16 if (vocab_size or 65536) <= 65536 else np.uint32
+            cached = os.path.join(cache_dir, f"{os.path.basename(path)}.{key[:16]}.{np.dtype(dt).name}.bin")
+            if not os.path.exists(cached):
+                write_tokens(cached, _tokenize_documents(tokenizer, read_documents(path, text_field, eot_text),
+                                                         eot_id, dt))
+            tokens = load_tokens(cached, np.dtype(dt).name)
+            info = {**prov, "format": "text" if path.endswith(".txt") else f"jsonl[{text_field}]",
+                    "tokenized_to": os.path.abspath(cached), "tokenizer_sha256": tok_sha,
+                    "n_tokens": int(tokens.size), "dtype": np.dtype(dt).name}
+        else:
+            tokens = load_tokens(path, token_dtype)
+            info = {**prov, "format": "bin", "n_tokens": int(tokens.size), "dtype": token_dtype}
+        if tokens.size < 2:
+            raise ValueError(f"{path} holds {tokens.size} token(s); at least 2 are needed (one target with a "
+                             "token before it)")
+        out.append(DataFile(path, info["format"], tokens, info))
+    return out
+
+
+def eot_positions(tokens: np.ndarray, eot_id: int, chunk: int = 1 << 26) -> np.ndarray:
+    """Sorted int64 positions of ``eot_id`` in a (memory-mapped) token array, scanned in chunks."""
+    parts = [np.flatnonzero(np.asarray(tokens[i : i + chunk]) == eot_id) + i for i in range(0, tokens.size, chunk)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+class TokenStreams:
+    """Several token files seen as one sequence of data points (no context crosses a file).
+
+    File f holds ``n_f`` tokens and ``n_f - 1`` data points, the positions ``1 .. n_f - 1`` (each
+    has at least one token before it); ``m = sum_f (n_f - 1)``. Data point j (0-based, in file
+    order) is position ``j - point_offsets[f] + 1`` of file f. End-of-text positions are found
+    once per file, on first use."""
+
+    def __init__(self, files: Sequence[np.ndarray], eot_id: int | None = None):
+        self.files = list(files)
+        self.sizes = np.array([int(f.size) for f in self.files], dtype=np.int64)
+        if np.any(self.sizes < 2):
+            raise ValueError("every data file needs at least 2 tokens")
+        self.point_offsets = np.concatenate([[0], np.cumsum(self.sizes - 1)]).astype(np.int64)
+        self.eot_id = eot_id
+        self._eots: dict[int, np.ndarray] = {}
+
+    @property
+    def num_points(self) -> int:
+        """m: the number of data points."""
+        return int(self.point_offsets[-1])
+
+    def locate(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(file, position) of data points (global indices in [0, m))."""
+        points = np.asarray(points, dtype=np.int64)
+        f = np.searchsorted(self.point_offsets, points, side="right") - 1
+        return f, points - self.point_offsets[f] + 1
+
+    def eots(self, f: int) -> np.ndarray:
+        if self.eot_id is None:
+            raise ValueError("end-of-text positions need an eot_id")
+        if f not in self._eots:
+            self._eots[f] = eot_positions(self.files[f], self.eot_id)
+        return self._eots[f]
+
+    def last_eot_before(self, f: int, positions: np.ndarray) -> np.ndarray:
+        """Per position k, the last end-of-text position e <= k - 1 (0 when there is none: the
+        file start)."""
+        e = self.eots(f)
+        positions = np.asarray(positions, dtype=np.int64)
+        i = np.searchsorted(e, positions, side="left") - 1
+        return np.where(i >= 0, e[np.maximum(i, 0)], 0) if e.size else np.zeros_like(positions)

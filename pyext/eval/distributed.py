@@ -1,7 +1,7 @@
 """torch.distributed plumbing for ``tokenbounds evaluate`` under ``torchrun``.
 
-The sample is cut into *blocks* of consecutive batches (fixed by the sample and ``--batch-size``
-and ``--checkpoint-every``, not by the number of processes). Block ``j`` is evaluated by rank
+The plan (the units to score, in a fixed order) is cut into *blocks* of consecutive batches
+(fixed by the plan, ``--batch-size`` and ``--checkpoint-every``, not by the number of processes). Block ``j`` is evaluated by rank
 ``j mod P``; at the end every rank's per-block statistics are gathered and merged **in block
 order** on rank 0. Because each block's statistics depend only on its own batches and the merge
 order is fixed, the result is bit-identical for every world size P, including P = 1.
@@ -62,6 +62,17 @@ def gather_to_main(world: World, obj: Any) -> list[Any] | None:
 
     out: list[Any] | None = [None] * world.world_size if world.is_main else None
     dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def all_gather(world: World, obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not world.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world.world_size
+    dist.all_gather_object(out, obj)
     return out
 
 

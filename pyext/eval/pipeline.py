@@ -1,5 +1,5 @@
 """The scaling pipeline behind ``tokenbounds demo``: train -> quantize (best of a paid grid) ->
-evaluate sampled training tokens -> every bound, for several model sizes.
+a full pass over the training tokens -> every bound, for several model sizes.
 
 For each model size N (parameters, tied embedding counted once):
 
@@ -16,18 +16,20 @@ For each model size N (parameters, tied embedding counted once):
    of K candidates of a grid (codebook x bits x LDLQ/RTN). Each candidate's dequantized model is
    scored on a *selection* sample of training tokens (its own seed) by the bound it would get;
    the best one is kept and the choice is **paid** for with ``log2 K`` extra bits in the prior
-   (spec/bounds.md section 9: a union bound over the K candidates). The bound's own sample is
-   drawn with a different seed, independently of the choice, so its sampling term is valid for
-   the chosen model.
-3. **Evaluate** the dequantized model (the model the code describes) on ``s`` training tokens
-   drawn uniformly with replacement, with the fused head (:func:`tokenbounds.eval.sample.
-   evaluate_sample` -> ``linear_smoothed_nll``); the unquantized model on the first
-   ``gap_tokens`` of the same sample (paired) gives the quantization gap.
-4. **Bounds** from the statistics with :func:`tokenbounds.bounds.from_stats`:
+   (spec/bounds.md section 9: a union bound over the K candidates). The selection sample is a
+   window-unit sample (``select_tokens`` draws, its own seed ``select_seed``, used nowhere else).
+3. **Evaluate** the dequantized model (the model the code describes) in a **full pass** over the
+   corpus: every data point once, scored by the same engine as ``tokenbounds evaluate``
+   (:class:`tokenbounds.eval.score.Scorer`: windows of T = ``context_length`` tokens scoring their
+   last S = ``eval_stride`` targets, the fused head), so the empirical loss and the Freedman
+   variance are exact and **there is no sampling term**; the unquantized model on exactly the
+   same tokens (its own full pass) gives the paired quantization gap.
+4. **Bounds** from the statistics with :func:`tokenbounds.bounds.from_stats` (``full_pass=True``):
    ``C = coded model bits + tokenizer merges + architecture config (8 bits per JSON character)``
-   and ``extra_bits = selection_bits + log2 K``; the smoothing level is paid inside each bound
-   (``alpha_cost="union"``) and the reported best of the 4 token/Freedman candidates is paid by
-   running each at delta / 4.
+   and ``extra_bits = selection_bits + log2 K``; ``selection_bits`` pays for this configuration's
+   hyper-parameters, tuned while developing the demo on this corpus; the smoothing level is paid
+   inside each bound (``alpha_cost="union"``) and the reported best of the 4 token/Freedman
+   candidates is paid by running each at delta / 4.
 
 Every step is cached under ``cache_dir`` (corpus, trained models, quantized candidates, statistics)
 keyed by a hash of everything it depends on, so a rerun only reads files; ``fresh=True`` deletes
@@ -36,7 +38,6 @@ the cached models (and everything derived from them) and retrains.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -45,6 +46,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from .fileio import atomic_path, atomic_write_json, read_json, short_hash
 
 __all__ = [
     "DEMO_CONFIG",
@@ -93,8 +96,10 @@ class PipelineConfig:
     """Everything the pipeline's results depend on (hashed into the cache keys).
 
     ``selection_bits`` pays for the hyper-parameters of this config (vocabulary, context, widths,
-    learning rate, grid, ...), which were chosen while developing the demo on this corpus: 10 bits
-    = a choice among up to 1024 configurations.
+    learning rate, grid, evaluation stride, ...), which were chosen while developing the demo on
+    this corpus: 10 bits = a choice among up to 1024 configurations. ``select_seed`` draws the
+    quantizer-selection sample and is used for nothing else. Evaluation: full passes with windows
+    of ``context_length`` tokens scoring their last ``eval_stride`` targets.
     """
 
     corpus: tuple[str, ...] = ("kjv", "shakespeare")
@@ -114,11 +119,9 @@ class PipelineConfig:
     calibration_sequences: int = 128
     calibration_seed: int = 3
     select_tokens: int = 2000
-    select_seed: int = 2
-    sample_tokens: int = 100_000
-    sample_seed: int = 1
-    gap_tokens: int = 10_000
-    eval_batch_size: int = 256
+    select_seed: int = 48271
+    eval_stride: int = 32
+    eval_batch_size: int = 512
     delta: float = 0.05
     selection_bits: float = 10.0
 
@@ -134,7 +137,7 @@ TINY_CONFIG = PipelineConfig(
     sizes=(ModelSize("S", 1, 2, 8), ModelSize("M", 1, 2, 16), ModelSize("L", 1, 2, 24)),
     tokens_per_parameter=0.5, max_steps=60, batch_size=8,
     grid=(QuantChoice("uniform", 2, "rtn"), QuantChoice("uniform", 4, "rtn"), QuantChoice("e8", 2, "rtn")),
-    calibration_sequences=8, select_tokens=200, sample_tokens=1000, gap_tokens=300, eval_batch_size=128,
+    calibration_sequences=8, select_tokens=200, eval_stride=8, eval_batch_size=128,
 )
 
 
@@ -158,46 +161,37 @@ def training_steps(num_parameters: int, cfg: PipelineConfig) -> int:
     return steps if cfg.max_steps is None else min(steps, cfg.max_steps)
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _stats_document(state, *, m: int, rule, plan, coded_bits: float, delta: float, extra_bits: float,
+                    vocab_size: int) -> dict[str, Any]:
+    """A statistics document in the layout of ``tokenbounds evaluate``'s stats.json (format
+    tokenbounds.evaluate/2): ``tokenbounds bound --stats FILE`` reads it."""
+    from .evaluation import STATS_FORMAT
+
+    doc: dict[str, Any] = dict(state.stats.state_dict())
+    if state.units is not None:
+        doc["unit_stats"] = state.units.state_dict()
+    doc["evaluation"] = {
+        "format": STATS_FORMAT, "m": int(m), "delta": delta, "extra_bits": extra_bits, "vocab_size": int(vocab_size),
+        "coded": {"coded_bits": float(coded_bits), "description": "demo: coded model + tokenizer + architecture",
+                  "parts": {}},
+        "scoring": {**rule.to_dict(), "units": plan.num_units, "draws": plan.draws, "full_pass": plan.full_pass,
+                    "units_scored": int(plan.units.size), "scored_tokens": plan.scored_tokens,
+                    "units_sha256": plan.digest(), "seed": plan.seed},
+        "by_context_length": state.by_context_length(), "histogram": state.histogram_dict(),
+    }
+    return doc
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)
-
-
-def _read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
-def _stats_to(path: str, stats) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(stats.to_json())
-    os.replace(tmp, path)
-
-
-def _stats_from(path: str):
-    from ..losses import LossStats
-
-    with open(path) as f:
-        return LossStats.from_json(f.read())
-
-
-def _predicted_bound(stats, coded_bits: float, m: int, s: int, vocab: int, delta: float, extra: float
+def _predicted_bound(stats, coded_bits: float, m: int, vocab: int, delta: float, extra: float
                      ) -> tuple[float, str]:
-    """The bound a candidate would get with ``s`` bound-sample tokens, its empirical mean and
-    variance taken from the selection sample: min(token-level, Freedman), both with the
-    Hoeffding sampling term (the selection criterion only; the reported bounds are recomputed)."""
+    """The bound a candidate would get from a full pass, its empirical mean and variance taken
+    from the selection sample: min(token-level, Freedman) (the selection criterion only; the
+    reported bounds are recomputed from the full pass)."""
     from ..bounds import freedman_bound, token_bound
 
     emp = stats.mean_bits
     var = dict(zip(stats.alphas, [float(v) for v in stats.variance_bits], strict=True))
-    common = dict(coded_bits=coded_bits, train_tokens=m, sample_tokens=s, vocab_size=vocab,
+    common = dict(coded_bits=coded_bits, train_tokens=m, sample_tokens=None, vocab_size=vocab,
                   delta=delta, extra_bits=extra)
     tb = token_bound(emp, **common).bound_bits
     fb = freedman_bound(emp, variance_bits=var, **common).bound_bits
@@ -222,6 +216,35 @@ def _quantize_candidate(model, calib, choice: QuantChoice, seed: int):
     return compact_unquantized(qm)
 
 
+def _scorer(net, streams, units, rule, *, track_units: bool):
+    from ..losses import DEFAULT_ALPHAS
+    from .hf import FusedHead
+    from .score import Scorer
+
+    return Scorer(FusedHead(net), streams, units, rule, DEFAULT_ALPHAS, track_units=track_units)
+
+
+def _score(net, streams, units, rule, plan, cfg: PipelineConfig, *, progress: bool, desc: str):
+    """Score ``plan`` with ``net`` through the engine of ``tokenbounds evaluate``."""
+    scorer = _scorer(net, streams, units, rule, track_units=not plan.full_pass)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=plan.scored_tokens, desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True, leave=False)
+    try:
+        return scorer.score(plan, cfg.eval_batch_size, progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _read_state(path: str):
+    from .stats import EvalState
+
+    return EvalState.from_state_dict(read_json(path))
+
+
 def run_pipeline(
     cfg: PipelineConfig,
     cache_dir: str,
@@ -238,12 +261,10 @@ def run_pipeline(
     from ..bounds import from_stats, training_flops
     from ..losses import LossStats
     from ..models.gpt import GPT, GPTConfig
-    from .data import build_corpus
-    from .sample import evaluate_sample, sample_tokens
+    from .data import TokenStreams, build_corpus
+    from .sample import ContextRule, Units, plan_units
     from .train import TrainConfig, train
 
-    if cfg.gap_tokens > cfg.sample_tokens:
-        raise ValueError(f"gap_tokens ({cfg.gap_tokens}) must be <= sample_tokens ({cfg.sample_tokens})")
     if not cfg.grid:
         raise ValueError("the quantization grid is empty")
     timings: dict[str, float] = {}
@@ -254,16 +275,14 @@ def run_pipeline(
     V = corpus.vocab_size
     timings["corpus"] = time.perf_counter() - t0
     log(f"corpus: {corpus.n_documents} documents, {m:,} training tokens, vocab {V}")
-    if cfg.sample_tokens > m:
-        raise ValueError(f"sample_tokens={cfg.sample_tokens} exceeds the {m} training tokens")
 
     k_cand = len(cfg.grid)
     extra_bits = cfg.selection_bits + choice_cost_bits(k_cand)
-    bound_sample = sample_tokens(tokens, cfg.sample_tokens, context_length=cfg.context_length,
-                                 seed=cfg.sample_seed, eot_id=corpus.eot_id)
-    select_sample = sample_tokens(tokens, cfg.select_tokens, context_length=cfg.context_length,
-                                  seed=cfg.select_seed, eot_id=corpus.eot_id)
-    head, tail = bound_sample.split(cfg.gap_tokens)
+    streams = TokenStreams([tokens], corpus.eot_id)
+    rule = ContextRule("windows", cfg.context_length, cfg.eval_stride)
+    units = Units(streams, rule.stride)
+    full = plan_units(units, rule, sample_tokens=None, seed=0)
+    select = plan_units(units, rule, sample_tokens=cfg.select_tokens, seed=cfg.select_seed)
     results = []
     for size in cfg.sizes:
         mcfg = GPTConfig(vocab_size=V, context_length=cfg.context_length, n_layer=size.n_layer,
@@ -273,7 +292,7 @@ def run_pipeline(
         tcfg = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                            warmup_steps=max(1, min(30, steps // 10)), max_seconds=None)
         model_key = {"corpus": corpus.tokens_sha256, "model": asdict(mcfg), "train": asdict(tcfg)}
-        mdir = os.path.join(cache_dir, "pipeline", _hash(model_key))
+        mdir = os.path.join(cache_dir, "pipeline", short_hash(model_key))
         if fresh and os.path.isdir(mdir):
             shutil.rmtree(mdir)
         os.makedirs(mdir, exist_ok=True)
@@ -286,7 +305,7 @@ def run_pipeline(
         done = os.path.join(mdir, "train.json")
         if os.path.exists(done) and os.path.exists(os.path.join(mdir, "model", "model.pt")):
             model = GPT.load(os.path.join(mdir, "model"))
-            train_info = _read_json(done)
+            train_info = read_json(done)
             log(f"[{size.name}] N={n_params:,}: reusing the trained model in {mdir} (--fresh retrains)")
         else:
             log(f"[{size.name}] N={n_params:,} ({size.n_layer} layer(s), d={size.d_model}): training "
@@ -298,7 +317,12 @@ def run_pipeline(
                         progress=progress, meta={"key": json.dumps(model_key, sort_keys=True)}, log=log)
             model.save(os.path.join(mdir, "model"))
             train_info = res.to_dict()
-            _write_json(done, train_info)
+            atomic_write_json(done, train_info)
+        # the tokenizer the model reads its corpus with: `tokenbounds evaluate --model DIR` counts it in C
+        tok_path = os.path.join(mdir, "model", "tokenizer.json")
+        if not os.path.exists(tok_path):
+            with atomic_path(tok_path) as tmp:
+                shutil.copyfile(corpus.tokenizer_path, tmp)
         model.eval()
         tm["train"] = time.perf_counter() - t
         d_tokens = int(train_info["tokens_seen"])
@@ -315,12 +339,11 @@ def run_pipeline(
         # 2. quantize the grid + choose on the selection sample --------------------------------
         t = time.perf_counter()
         # candidates depend on the calibration batch and are scored on the selection sample; the
-        # choice itself is recomputed on every run (it depends on delta, s and the extra bits)
-        qkey = _hash({"recipe": QUANT_RECIPE, "calibration": [cfg.calibration_sequences, cfg.calibration_seed],
-                      "select": select_sample.digest()})
+        # choice itself is recomputed on every run (it depends on delta and the extra bits)
+        qkey = short_hash({"recipe": QUANT_RECIPE, "calibration": [cfg.calibration_sequences, cfg.calibration_seed],
+                           "select": select.digest(), "rule": rule.to_dict()})
         qdir = os.path.join(mdir, "quant-" + qkey)
-        edir = os.path.join(mdir, "eval-" + _hash({"quant": qkey, "bound": bound_sample.digest(),
-                                                   "gap_tokens": len(head)}))
+        edir = os.path.join(mdir, "eval-" + short_hash({"quant": qkey, "rule": rule.to_dict(), "plan": full.digest()}))
         os.makedirs(qdir, exist_ok=True)
         os.makedirs(edir, exist_ok=True)
         arch_bits = 8.0 * len(json.dumps(asdict(mcfg), sort_keys=True, separators=(",", ":")))
@@ -336,14 +359,14 @@ def run_pipeline(
             qpath = os.path.join(qdir, f"{choice.label}-s{qseed}.pt")
             jpath = os.path.join(qdir, f"{choice.label}-s{qseed}.json")
             if os.path.exists(qpath) and os.path.exists(jpath):
-                rec = _read_json(jpath)
+                rec = read_json(jpath)
             else:
                 if calib is None:
                     calib = _calibration_tokens(tokens, cfg)
                 tc = time.perf_counter()
                 qm = _quantize_candidate(model, calib, choice, seed=qseed)
                 qmodel = qm.dequantized_model(model)
-                st = evaluate_sample(qmodel, tokens, select_sample, batch_size=cfg.eval_batch_size)
+                st = _score(qmodel, streams, units, rule, select, cfg, progress=False, desc="select").stats
                 summary = qm.summary()
                 model_bits = float(qm.coded_bits)
                 coded = model_bits + corpus.tokenizer_bits + arch_bits
@@ -354,12 +377,12 @@ def run_pipeline(
                        "coded_bits_detail": qm.coded_bits_detail,
                        "select_nll_bits": st.mean_nll_bits, "select_stats": st.state_dict(),
                        "seconds": time.perf_counter() - tc}
-                torch.save(qm, qpath + ".tmp")
-                os.replace(qpath + ".tmp", qpath)
-                _write_json(jpath, rec)
+                with atomic_path(qpath) as tmp:
+                    torch.save(qm, tmp)
+                atomic_write_json(jpath, rec)
             st = LossStats.from_state_dict(rec["select_stats"])
             rec["predicted_bound_bits"], rec["predicted_by"] = _predicted_bound(
-                st, rec["coded_bits"], m, cfg.sample_tokens, V, cfg.delta, extra_bits)
+                st, rec["coded_bits"], m, V, cfg.delta, extra_bits)
             cands.append(rec)
             if bar is not None:
                 bar.update(1)
@@ -372,86 +395,85 @@ def run_pipeline(
             f"(predicted bound {best['predicted_bound_bits']:.3f} bits; pays log2 {k_cand} = "
             f"{choice_cost_bits(k_cand):.2f} bits)")
 
-        # 3. evaluate the chosen dequantized model on the bound sample -------------------------
+        # 3. full passes: the chosen dequantized model, and the unquantized one on the same tokens
         t = time.perf_counter()
         tag = f"{best['label']}-s{best['seed']}"
-        paths = {k: os.path.join(edir, f"stats-{tag if k != 'fp_head' else 'unquantized'}-{k}.json")
-                 for k in ("q_head", "q_tail", "fp_head")}
-        qmodel = None
-        stats: dict[str, Any] = {}
+        paths = {"q": os.path.join(edir, f"state-{tag}.json"), "fp": os.path.join(edir, "state-unquantized.json")}
         times_path = os.path.join(edir, "eval-seconds.json")
-        eval_seconds = _read_json(times_path) if os.path.exists(times_path) else {}
-        for k, part in (("q_head", head), ("q_tail", tail), ("fp_head", head)):
+        eval_seconds = read_json(times_path) if os.path.exists(times_path) else {}
+        states: dict[str, Any] = {}
+        for k in ("q", "fp"):
             if os.path.exists(paths[k]):
-                stats[k] = _stats_from(paths[k])
+                states[k] = _read_state(paths[k])
                 continue
             te = time.perf_counter()
-            if k.startswith("q") and qmodel is None:
+            if k == "q":
                 qm = torch.load(os.path.join(qdir, f"{tag}.pt"), weights_only=False)
-                qmodel = qm.dequantized_model(model)
-            net = model if k == "fp_head" else qmodel
-            desc = {"q_head": "eval quantized (1/2)", "q_tail": "eval quantized (2/2)",
-                    "fp_head": "eval unquantized"}[k]
-            stats[k] = evaluate_sample(net, tokens, part, batch_size=cfg.eval_batch_size,
-                                       progress=progress, desc=f"[{size.name}] {desc}")
-            _stats_to(paths[k], stats[k])
-            eval_seconds[os.path.basename(paths[k])] = time.perf_counter() - te
-            _write_json(times_path, eval_seconds)
-        stats_q = stats["q_head"].merge(stats["q_tail"])
-        _stats_to(os.path.join(edir, f"stats-{tag}.json"), stats_q)
+                net = qm.dequantized_model(model)
+            else:
+                net = model
+            desc = f"[{size.name}] full pass, {'quantized' if k == 'q' else 'unquantized'}"
+            states[k] = _score(net, streams, units, rule, full, cfg, progress=progress, desc=desc)
+            atomic_write_json(paths[k], states[k].state_dict())
+            eval_seconds[k] = time.perf_counter() - te
+            atomic_write_json(times_path, eval_seconds)
         tm["evaluate"] = time.perf_counter() - t
+        stats_q, fp = states["q"].stats, states["fp"].stats
+        if stats_q.count != m or fp.count != m:
+            raise RuntimeError(f"a full pass scored {stats_q.count} / {fp.count} tokens, not m = {m}")
+        doc = _stats_document(states["q"], m=m, rule=rule, plan=full, coded_bits=best["coded_bits"], delta=cfg.delta,
+                              extra_bits=extra_bits, vocab_size=V)
+        stats_path = os.path.join(edir, f"stats-{tag}.json")
+        atomic_write_json(stats_path, doc)
 
         # 4. bounds ----------------------------------------------------------------------------
-        fp, qh = stats["fp_head"], stats["q_head"]
-        table = from_stats(stats_q, best["coded_bits"], m, delta=cfg.delta, extra_bits=extra_bits,
-                           vocab_size=V, train_documents=corpus.n_documents, num_parameters=n_params,
+        table = from_stats(doc, best["coded_bits"], m, delta=cfg.delta, extra_bits=extra_bits, vocab_size=V,
+                           full_pass=True, train_documents=corpus.n_documents, num_parameters=n_params,
                            bits_per_parameter=32.0, unquantized_bits=fp.mean_nll_bits)
         alphas = list(stats_q.alphas)
-        gap_by_alpha = {str(a): float(qh.mean[i] - fp.mean[i]) for i, a in enumerate(alphas)}
+        gap_by_alpha = {str(a): float(stats_q.mean[i] - fp.mean[i]) for i, a in enumerate(alphas)}
         info.update({
             "quantization": {
                 "chosen": best["label"], "file": os.path.join(qdir, f"{tag}.pt"),
                 "candidates": [{k: v for k, v in r.items() if k != "select_stats"} for r in cands],
                 "num_candidates": k_cand, "choice_cost_bits": choice_cost_bits(k_cand),
-                "selection_sample": select_sample.to_dict(),
+                "selection_sample": {**select.to_dict(), "seed": cfg.select_seed},
                 "model_coded_bits": best["model_coded_bits"],
                 "bits_per_parameter": best["bits_per_parameter"],
                 "coded_bits_detail": best["coded_bits_detail"],
-                "gap_nll_bits": qh.mean_nll_bits - fp.mean_nll_bits,
+                "gap_nll_bits": stats_q.mean_nll_bits - fp.mean_nll_bits,
                 "gap_smoothed_bits": gap_by_alpha,
-                "gap_note": f"quantized minus unquantized, paired on the first {len(head)} tokens of the bound sample",
+                "gap_note": f"quantized minus unquantized, paired: both models on all m = {m:,} tokens (full passes)",
             },
             "code_length": {"coded_bits": best["coded_bits"], "model_bits": best["model_coded_bits"],
                             "tokenizer_bits": corpus.tokenizer_bits, "architecture_bits": arch_bits,
                             "extra_bits": extra_bits,
                             "extra_bits_detail": {"selection_bits": cfg.selection_bits,
                                                   "quantization_choice_bits": choice_cost_bits(k_cand)}},
-            "losses": {"unquantized_nll_bits_head": fp.mean_nll_bits, "quantized_nll_bits_head": qh.mean_nll_bits,
-                       "quantized_nll_bits": stats_q.mean_nll_bits,
+            "losses": {"unquantized_nll_bits": fp.mean_nll_bits, "quantized_nll_bits": stats_q.mean_nll_bits,
                        "quantized_smoothed_bits": {str(a): v for a, v in stats_q.mean_bits.items()},
                        "top1_error_quantized": stats_q.topk_error(1)},
             "bounds": table.to_dict(),
             "rows": table.rows(),
-            "stats_path": os.path.join(edir, f"stats-{tag}.json"),
+            "stats_path": stats_path,
             "seconds": tm,
             "compute_seconds": {
                 "train": float(train_info["train_seconds"]),
                 "quantize_select": float(sum(r.get("seconds", 0.0) for r in cands)),
-                "evaluate": float(sum(eval_seconds.get(os.path.basename(pth), 0.0) for pth in paths.values())),
+                "evaluate": float(sum(eval_seconds.values())),
             },
         })
         results.append(info)
-        del model, qmodel
+        del model
     timings["total"] = time.perf_counter() - t0
     return {
-        "format": "tokenbounds.scaling/1",
+        "format": "tokenbounds.scaling/2",
         "config": cfg.to_dict(),
         "corpus": corpus.to_dict(),
         "train_tokens_m": m,
         "vocab_size": V,
         "uniform_baseline_bits": math.log2(V),
-        "sample": bound_sample.to_dict(),
-        "gap_sample_tokens": len(head),
+        "scoring": {**rule.to_dict(), "full_pass": True, "units": full.num_units, "scored_tokens": full.scored_tokens},
         "extra_bits": extra_bits,
         "models": results,
         "seconds": {**timings, "per_model": {r["name"]: r["seconds"] for r in results}},
@@ -515,8 +537,9 @@ def format_markdown(result: dict[str, Any]) -> str:
     out.append(
         f"Corpus {'+'.join(cfg['corpus'])}: m = {result['train_tokens_m']:,} training tokens, byte-level BPE "
         f"V = {result['vocab_size']} (uniform predictor: log2 V = {uniform:.3f} bits/token). "
-        f"Each bound evaluates s = {result['sample']['num_samples']:,} training tokens drawn uniformly with "
-        f"replacement (seed {result['sample']['seed']}), delta = {cfg['delta']}.")
+        f"Each bound evaluates **all m training tokens** (a full pass: windows of "
+        f"{result['scoring']['window']} tokens scoring their last {result['scoring']['stride']}), so there is "
+        f"no sampling term; delta = {cfg['delta']}.")
     out.append("")
     head = ("| model | N params | D tokens (D/N) | quantizer (of K) | bits/param | C bits | quant gap bits | "
             "loss fp | loss q | token-level | Freedman | best (paid) | non-vacuous |")
@@ -530,13 +553,12 @@ def format_markdown(result: dict[str, Any]) -> str:
             f"| {m['name']} | {m['parameters']:,} | {m['training']['tokens']:,} "
             f"({m['training']['tokens_per_parameter']:.1f}) | {q['chosen']} ({q['num_candidates']}) | "
             f"{q['bits_per_parameter']:.2f} | {m['code_length']['coded_bits']:,.0f} | "
-            f"{q['gap_nll_bits']:+.4f} | {m['losses']['unquantized_nll_bits_head']:.3f} | "
+            f"{q['gap_nll_bits']:+.4f} | {m['losses']['unquantized_nll_bits']:.3f} | "
             f"{m['losses']['quantized_nll_bits']:.3f} | {_value(t):.3f} | {_value(f):.3f} | "
             f"{m['bounds']['best']['bound_bits']:.3f} | {', '.join(nv) if nv else 'none'} |")
     out.append("")
-    out.append("loss fp / loss q: unsmoothed bits/token of the unquantized model (first "
-               f"{result['gap_sample_tokens']:,} sampled tokens) and of the quantized model (all s); "
-               "quant gap = their paired difference on those first tokens. bits/param: the model's coded "
+    out.append("loss fp / loss q: unsmoothed bits/token of the unquantized and the quantized model over all m "
+               "tokens; quant gap = their paired difference (the same tokens). bits/param: the model's coded "
                "size (codes + scales + headers + fp16 norms/biases) / N. C also counts the tokenizer and "
                "the architecture.")
     out.append("")
@@ -571,11 +593,14 @@ def format_markdown(result: dict[str, Any]) -> str:
         "* C = entropy-coded quantized model (range-coded codes, float16 scales, per-layer headers and "
         "Hadamard seeds, float16 LayerNorm/bias tensors) + tokenizer merges + architecture config "
         "(8 bits per JSON character); the prefix-free fix C + 2 log2 C is applied by the bounds.",
-        f"* extra bits = {ex['selection_bits']:g} (demo hyper-parameters tuned on this corpus: vocabulary, "
-        f"context, widths, learning rate, grid; up to 1024 configurations) + {ex['quantization_choice_bits']:.3f} "
-        f"(log2 K: best of K = {models[0]['quantization']['num_candidates']} quantizers, chosen on a separate "
-        f"selection sample of {cfg['select_tokens']:,} tokens, seed {cfg['select_seed']}; the bound sample has "
-        f"its own seed, {cfg['sample_seed']}).",
+        f"* extra bits = {ex['selection_bits']:g} (`selection_bits`: the demo's hyper-parameters were tuned on "
+        "this corpus — vocabulary, context, widths, learning rate, grid, evaluation stride; up to 1024 "
+        f"configurations) + {ex['quantization_choice_bits']:.3f} (log2 K: best of K = "
+        f"{models[0]['quantization']['num_candidates']} quantizers, chosen on a window-unit sample of "
+        f"{cfg['select_tokens']:,} draws with its own seed {cfg['select_seed']}, used for nothing else).",
+        "* Full passes: every training token is evaluated, so the empirical loss and the Freedman variance "
+        "are exact and there is **no sampling term left to pay** (the sampling columns are 0); the "
+        "quantization gap is paired (both models on the same m tokens).",
         "* Smoothing level: union over the 8-level grid inside each bound (`alpha_cost='union'`). "
         "\"best (paid)\": minimum of 4 token/Freedman variants, each run at delta / 4.",
         "* Each model's bound holds at its own delta; a minimum over the models would need delta / "
@@ -584,7 +609,7 @@ def format_markdown(result: dict[str, Any]) -> str:
         "10^4 - 10^5 parameters reach D = 20 N in a few minutes on 2 CPU cores.",
     ]
     out.append("")
-    out.append("## Quantization candidates (selection sample)")
+    out.append("## Quantization candidates (selection sample, bound predicted for a full pass)")
     out.append("")
     out.append("| model | " + " | ".join(c["label"] for c in models[0]["quantization"]["candidates"]) + " |")
     out.append("|---|" + "---|" * len(models[0]["quantization"]["candidates"]))

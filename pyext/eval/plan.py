@@ -89,7 +89,10 @@ def guess_shape(params: float) -> tuple[int, int]:
 def estimate(params: float, vocab: int, sample_tokens: float, *, gpu: str = "h100", context: int = 4096,
              mean_context: float | None = None, dtype: str = "bf16", d_model: int | None = None,
              n_layer: int | None = None, batch: int = 8, mfu: float = 0.5, bw_eff: float = 0.8,
-             head_tile_bytes: float = 512 * 2**20) -> Plan:
+             head_tile_bytes: float = 512 * 2**20, stride: int | None = None) -> Plan:
+    """``stride=None``: per-token contexts (one forward pass of c tokens per scored token);
+    ``stride=S``: windows of ``context`` tokens scoring their last S targets (the body's cost of a
+    window is shared by S scored tokens; the head still costs 2 d V per scored token)."""
     if gpu not in GPUS:
         raise ValueError(f"unknown --gpu {gpu!r}; choose from {sorted(GPUS)}")
     if dtype not in DTYPE_BYTES:
@@ -108,8 +111,11 @@ def estimate(params: float, vocab: int, sample_tokens: float, *, gpu: str = "h10
     bw = DTYPE_BYTES[dtype]
     head_params = vocab * d
     body = max(params - head_params, params * 0.5)
-    flops = 2 * body * c + 2 * layers * c * c * d + 2 * d * vocab
-    act_bytes_tok = 16 * layers * c * d * 2.0  # activations in bf16/fp32 mix, ~2 bytes
+    if stride is not None and not 1 <= stride <= context:
+        raise ValueError(f"--stride must lie in [1, --context], got {stride}")
+    share = float(stride) if stride else 1.0  # scored tokens per forward pass
+    flops = (2 * body * c + 2 * layers * c * c * d) / share + 2 * d * vocab
+    act_bytes_tok = 16 * layers * c * d * 2.0 / share  # activations in bf16/fp32 mix, ~2 bytes
     bytes_tok = params * bw / batch + act_bytes_tok + vocab * 4.0 / 1.0
     peak = g["flops"][dtype] * mfu
     band = g["bandwidth"] * bw_eff
@@ -137,7 +143,9 @@ def estimate(params: float, vocab: int, sample_tokens: float, *, gpu: str = "h10
             by_gpus[n] = secs_fit / replicas
     assumptions = [
         "an ESTIMATE from a roofline model, not a measurement; real runs differ (kernels, parallelism, I/O)",
-        f"each sampled token is scored from its own context of c = {c:g} tokens (one forward pass per token)",
+        (f"each sampled token is scored from its own context of c = {c:g} tokens (one forward pass per token)"
+         if not stride else f"windows of {c:g} tokens score their last {stride} targets (one forward pass per "
+         f"{stride} scored tokens)"),
         f"model shape d = {d}, {layers} layers ({'given' if d_model else 'guessed from N: 12 n_layer d^2 = N'})",
         f"matmul efficiency {mfu:.0%} of peak {dtype} FLOP/s; {bw_eff:.0%} of peak memory bandwidth",
         f"weights read once per batch of {batch} sequences; flash attention (no c x c matrix in memory)",

@@ -38,7 +38,7 @@ def plot_scaling(result: dict[str, Any], path: str) -> str:
     fre = [_bound(m, FREEDMAN) for m in models]
     best = [m["bounds"]["best"]["bound_bits"] for m in models]
     emp = [b["empirical_bits"] for b in tok]
-    fp = [m["losses"]["unquantized_nll_bits_head"] for m in models]
+    fp = [m["losses"]["unquantized_nll_bits"] for m in models]
     qn = [m["losses"]["quantized_nll_bits"] for m in models]
     uniform = result["uniform_baseline_bits"]
 
