@@ -12,7 +12,6 @@ import time
 import pytest
 from tokenbounds import LossStats
 from tokenbounds.bounds import from_stats, token_bound
-from tokenbounds.bounds.from_stats import OFFICIAL_LABEL
 from tokenbounds.cli import build_parser, main
 
 
@@ -59,10 +58,12 @@ def test_tiny_end_to_end_outputs(tiny_run):
         assert m["parameters"] == sum(p.numel() for p in gpt.parameters())
         # every bound from_stats reports is there, each with its components summing to the total
         labels = set(m["bounds"]["bounds"])
-        for lb in ("token (union, Hoeffding)", "Freedman (union, empirical Bernstein)",
-                   OFFICIAL_LABEL, "top-1 error (hoeffding)"):
+        for lb in ("token (union, full pass)", "Freedman (union, full pass)",
+                   "token, official formula (lotfi-code), full pass"):
             assert lb in labels
-        t = m["bounds"]["bounds"]["token (union, Hoeffding)"]
+        assert any(lb.startswith("top-1 error") for lb in labels)
+        assert m["primary"] == {"token": "token (union, full pass)", "freedman": "Freedman (union, full pass)"}
+        t = m["bounds"]["bounds"]["token (union, full pass)"]
         assert t["bound_bits"] == pytest.approx(t["empirical_bits"] + t["complexity_bits"] + t["sampling_bits"])
         assert t["vacuous"] == (t["bound_bits"] >= math.log2(res["vocab_size"]))
         # statistics saved for recomputation: a full pass, every data point once, no sampling term
@@ -97,8 +98,8 @@ def test_choice_cost_is_applied(tiny_run):
         # the reported bounds are what from_stats gives with those bits, and paying raises them
         table = from_stats(m["stats_file"], cl["coded_bits"], res["train_tokens_m"], delta=cfg["delta"],
                            extra_bits=cl["extra_bits"], vocab_size=res["vocab_size"], full_pass=True)
-        rep = m["bounds"]["bounds"]["token (union, Hoeffding)"]["bound_bits"]
-        assert table.bounds["token (union, Hoeffding)"].bound_bits == pytest.approx(rep, rel=1e-12)
+        rep = m["bounds"]["bounds"]["token (union, full pass)"]["bound_bits"]
+        assert table.bounds["token (union, full pass)"].bound_bits == pytest.approx(rep, rel=1e-12)
         st = LossStats.from_state_dict(json.loads(open(m["stats_file"]).read()))
         unpaid = token_bound(st.mean_bits, coded_bits=cl["coded_bits"], train_tokens=res["train_tokens_m"],
                              sample_tokens=None, vocab_size=res["vocab_size"], delta=cfg["delta"],

@@ -90,7 +90,7 @@ def test_full_pass_windows_equal_reference(tmp_path, family):
     assert sum(abs(ours.topk_correct[k] - ref.topk_correct[k]) for k in ours.topk_correct) <= 3
     # a full pass: no sampling term, per-context-length bounds with each bucket's population
     bounds = json.loads((out / "bounds.json").read_text())
-    assert bounds["valid"] and bounds["inputs"]["s"] is None
+    assert bounds["best"]["valid"] and bounds["inputs"]["s"] is None
     assert all(b["sampling_bits"] == 0 for k, b in bounds["bounds"].items() if "sampling_bits" in b)
     cb = ev["context_length_bounds"]
     assert sum(r["m_b"] for r in cb) == sum(n for n in ev["by_context_length"]["count"] if n >= 2)
@@ -131,12 +131,9 @@ def test_sampled_window_units_and_per_token_contexts_equal_reference(tmp_path):
     assert units.mean_bits[units.alphas[0]] == pytest.approx(float((y * counts).sum() / 40), rel=1e-5)
     ev = doc["evaluation"]
     assert ev["context_length_bounds"] is None and "no bound" in ev["context_length_bounds_note"]
-    # bounds only from a from_stats that takes the s draws as the sample, never s x S tokens
+    # the bounds take the s draws as the sample, never the s x S tokens of the drawn units
     bounds = json.loads((out / "bounds.json").read_text())
-    if bounds["valid"]:
-        assert bounds["inputs"]["s"] == 40
-    else:
-        assert "unit" in bounds["validity"] and bounds["bounds"] == {}
+    assert bounds["inputs"]["s"] == 40 and bounds["inputs"]["unit_tokens"] == ref.count
     # per-token contexts: the paper's rule, one target per context
     out = tmp_path / "per-token"
     assert main(_args(tmp_path / "m", [tmp_path / "d.bin"], out, "--per-token-contexts", "--sample-tokens", "30",
@@ -149,7 +146,7 @@ def test_sampled_window_units_and_per_token_contexts_equal_reference(tmp_path):
     ours = LossStats.from_state_dict(doc)
     assert ours.count == 30
     np.testing.assert_allclose(ours.mean, ref.mean, rtol=1e-5)
-    assert json.loads((out / "bounds.json").read_text())["valid"]
+    assert json.loads((out / "bounds.json").read_text())["best"]["valid"]
 
 
 def test_coded_size_defaults_to_the_evaluated_dtype(tmp_path):
@@ -327,7 +324,7 @@ def test_evaluation_is_frozen_and_rendering_does_not_change_it(tmp_path):
     assert isinstance(ev, Evaluation)
     before = json.dumps(ev.to_dict(), sort_keys=True)
     assert json.loads(before) == doc["evaluation"]
-    render_report(compute_bounds(doc, ev), ev, [], None)
+    render_report(compute_bounds(doc, ev), ev, [])
     assert json.dumps(ev.to_dict(), sort_keys=True) == before
     with pytest.raises(AttributeError):
         ev.m = 5  # type: ignore[misc]

@@ -127,8 +127,7 @@ class Evaluation(_Frozen):
     statistics; ``by_context_length``: loss per bucket of context length; ``context_length_bounds``:
     per-bucket bounds (full passes only, each at its bucket's exact population, union paid), else
     None with ``context_length_bounds_note`` saying why; ``configuration``: every option that
-    determines the result and the configurations this output directory has seen;
-    ``validity``: None, or why the bounds computed from this document are not yet bounds."""
+    determines the result and the configurations this output directory has seen."""
 
     format: str
     m: int
@@ -149,4 +148,3 @@ class Evaluation(_Frozen):
     configuration: Mapping[str, Any]
     run: RunInfo
     recompute: str
-    validity: str | None = None

@@ -7,19 +7,13 @@ from typing import Any
 
 __all__ = ["plot_scaling"]
 
-TOKEN = "token (union, Hoeffding)"
-FREEDMAN = "Freedman (union, empirical Bernstein)"
-
-
-def _bound(model: dict[str, Any], label: str) -> dict[str, Any]:
-    return model["bounds"]["bounds"][label]
 
 
 def plot_scaling(result: dict[str, Any], path: str) -> str:
     """Two panels against the parameter count N (log axis):
 
-    * left: the token-level bound, the empirical Freedman bound, the best bound (each of 4
-      candidates at delta / 4), the quantized model's empirical smoothed loss at the token
+    * left: the token-level bound, the empirical Freedman bound, the best bound (each of K
+      candidates at delta / K), the quantized model's empirical smoothed loss at the token
       bound's alpha, the unquantized model's loss and the uniform predictor log2 V;
     * right: stacked components (empirical + complexity + sampling for the token-level bound;
       empirical + sampling + gap for Freedman, whose gap = complexity + variance term).
@@ -34,18 +28,21 @@ def plot_scaling(result: dict[str, Any], path: str) -> str:
     models = result["models"]
     n = [m["parameters"] for m in models]
     names = [m["name"] for m in models]
-    tok = [_bound(m, TOKEN) for m in models]
-    fre = [_bound(m, FREEDMAN) for m in models]
+    from .pipeline import _bound_of
+
+    tok = [_bound_of(m, "token") for m in models]
+    fre = [_bound_of(m, "freedman") for m in models]
     best = [m["bounds"]["best"]["bound_bits"] for m in models]
+    k_best = len(models[0]["bounds"]["best"]["among"])
     emp = [b["empirical_bits"] for b in tok]
     fp = [m["losses"]["unquantized_nll_bits"] for m in models]
     qn = [m["losses"]["quantized_nll_bits"] for m in models]
     uniform = result["uniform_baseline_bits"]
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 6))
-    ax.plot(n, [b["bound_bits"] for b in tok], "o-", label="token-level bound (union, Hoeffding)")
-    ax.plot(n, [b["bound_bits"] for b in fre], "s-", label="Freedman bound (union, emp. Bernstein)")
-    ax.plot(n, best, "k*--", label="best of 4 (paid: delta/4)")
+    ax.plot(n, [b["bound_bits"] for b in tok], "o-", label="token-level bound (union over alpha)")
+    ax.plot(n, [b["bound_bits"] for b in fre], "s-", label="empirical Freedman bound (union over alpha)")
+    ax.plot(n, best, "k*--", label=f"best of {k_best} (paid: delta/{k_best})")
     ax.plot(n, emp, "^:", label="empirical smoothed loss, quantized (token bound's alpha)")
     ax.plot(n, qn, "v:", label="empirical loss, quantized (unsmoothed)")
     ax.plot(n, fp, "d:", label="empirical loss, unquantized (unsmoothed)")

@@ -27,7 +27,7 @@ import numpy as np
 from .evaluation import STATS_FORMAT, CodedSize, Evaluation, ModelInfo, RunInfo, Scoring, thaw
 from .fileio import atomic_write_json, atomic_write_text
 
-__all__ = ["bounds_or_reason", "build_evaluation", "compute_bounds", "context_length_bounds", "render_report", "write_outputs"]
+__all__ = ["bounds_table", "build_evaluation", "compute_bounds", "context_length_bounds", "render_report", "write_outputs"]
 
 
 # ----------------------------------------------------------------------------- the Evaluation
@@ -112,29 +112,17 @@ def compute_bounds(doc: dict[str, Any], ev: Evaluation):
                       vocab_size=ev.vocab_size, full_pass=ev.scoring.full_pass, topk=(1, 10))
 
 
-def bounds_or_reason(doc: dict[str, Any], ev: Evaluation):
-    """(the bound table, None), or (None, why there is none yet).
-
-    In the window-unit sampled mode the sample is the s draws, not the tokens of the drawn units:
-    a ``from_stats`` that reads only the per-token statistics would use s = their count and treat
-    the s x S tokens as independent, which is not valid (spec/bounds.md section 3b). Such a table
-    is never shown; the statistics in stats.json stay complete, so ``tokenbounds bound`` on them
-    gives the bounds once from_stats reads ``unit_stats``."""
+def bounds_table(doc: dict[str, Any], ev: Evaluation):
+    """The bound table of a stats.json document. ``from_stats`` reads the sampling design from the
+    document itself: a full pass (no sampling term), the s i.i.d. window-unit draws of
+    ``unit_stats`` (never the s x S tokens of the drawn units as if independent; spec section 3b),
+    or a per-token sample."""
+    table = compute_bounds(doc, ev)
     units = doc.get("unit_stats")
-    try:
-        table = compute_bounds(doc, ev)
-    except ValueError as exc:
-        if units is None:
-            raise
-        return None, (f"no bound computed: this tokenbounds.bounds.from_stats does not read the window-unit sample "
-                      f"(UnitStats) and refused the per-token statistics ({exc})")
-    if units is None:
-        return table, None
-    s = table.to_dict().get("inputs", {}).get("s")
-    if s == units["draws"]:
-        return table, None
-    return None, (f"no bound shown: this tokenbounds.bounds.from_stats used s = {s} tokens of the drawn units as if "
-                  f"they were independent, but the sample is {units['draws']} i.i.d. unit draws")
+    if units is not None and table.inputs.get("s") != units["draws"]:
+        raise RuntimeError(f"from_stats used s = {table.inputs.get('s')} but the sample is {units['draws']} "
+                           "window-unit draws")
+    return table
 
 
 # ----------------------------------------------------------------------------- plots
@@ -146,8 +134,7 @@ def _plots(out: str, table, ev: Evaluation) -> list[str]:
 
     written = []
     uniform = math.log2(ev.vocab_size)
-    if table is not None:
-        written.append(_decomposition_plot(plt, out, table, uniform))
+    written.append(_decomposition_plot(plt, out, table, uniform))
     written += _loss_plots(plt, out, ev, uniform)
     return written
 
@@ -246,7 +233,7 @@ def _scoring_lines(ev: Evaluation) -> list[str]:
     return [f"* context rule: {rule}; mean context {sc.mean_context_tokens:.1f} tokens", f"* sample: {sample}"]
 
 
-def render_report(table, ev: Evaluation, plots: list[str], validity: str | None) -> str:
+def render_report(table, ev: Evaluation, plots: list[str]) -> str:
     """report.md from the Evaluation and the bound table (reads them only)."""
     model, coded = ev.model, ev.coded
     q = model.quantization
@@ -270,17 +257,13 @@ def render_report(table, ev: Evaluation, plots: list[str], validity: str | None)
     lines.append(f"* mean unsmoothed loss {st['mean_nll_bits']:.4f} bits/token ({st['mean_nll_bits'] * math.log(2):.4f} "
                  f"nats); top-1 error {st['top1_error']:.4f} (over {st['count']:,} tokens with multiplicity)")
     lines += ["", "## Bounds (bits per token unless the row is an error rate)", ""]
-    if table is None:
-        lines += [f"**{validity}.** The statistics in stats.json are complete: `tokenbounds bound` computes the "
-                  "bounds from them with a from_stats that reads `unit_stats` (the s draws are the sample).", ""]
-    else:
-        lines += ["```", table.format_table(), "```", ""]
-        lines.append("| bound | value | empirical | complexity / gap | sampling | alpha | vacuous |")
-        lines.append("|---|---:|---:|---:|---:|---:|---|")
-        for r in table.rows():
-            alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
-            lines.append(f"| {r['bound']} | {r['value']:.5f} | {r['empirical']:.5f} | {r['complexity']:.5f} | "
-                         f"{r['sampling']:.5f} | {alpha} | {r['vacuous']} |")
+    lines += ["```", table.format_table(), "```", ""]
+    lines.append("| bound | value | empirical | complexity / gap | sampling | alpha | vacuous | a bound at delta |")
+    lines.append("|---|---:|---:|---:|---:|---:|---|---|")
+    for r in table.rows():
+        alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
+        lines.append(f"| {r['bound']} | {r['value']:.5f} | {r['empirical']:.5f} | {r['complexity']:.5f} | "
+                     f"{r['sampling']:.5f} | {alpha} | {r['vacuous']} | {'yes' if r['valid'] else '**no** (' + r['kind'] + ')'} |")
     cfg = ev.configuration
     k = int(cfg["configurations_recorded"])
     lines += ["", "## What the bound assumes", "",
@@ -326,14 +309,13 @@ def write_outputs(out: str, total, ev: Evaluation, *, plots: bool = True) -> dic
         doc["unit_stats"] = total.units.state_dict()
     doc["evaluation"] = ev.to_dict()
     atomic_write_json(os.path.join(out, "stats.json"), doc)
-    table, validity = bounds_or_reason(doc, ev)
-    bounds_doc = {"format": "tokenbounds.bounds/1", "valid": table is not None, "validity": validity,
-                  **(table.to_dict() if table is not None else {"bounds": {}, "best": None}),
+    table = bounds_table(doc, ev)
+    bounds_doc = {"format": "tokenbounds.bounds/1", **table.to_dict(),
                   "coded": thaw(ev.coded), "quantization": thaw(ev.model.quantization)}
     atomic_write_json(os.path.join(out, "bounds.json"), bounds_doc)
     written = _plots(out, table, ev) if plots else []
-    atomic_write_text(os.path.join(out, "report.md"), render_report(table, ev, written, validity))
-    best = (f"best bound {table.best['bound_bits']:.4f} bits/token ({table.best['label']})" if table is not None
-            else validity)
-    logging.getLogger("tokenbounds.evaluate").info("wrote %s/{stats.json,bounds.json,report.md}; %s", out, best)
+    atomic_write_text(os.path.join(out, "report.md"), render_report(table, ev, written))
+    logging.getLogger("tokenbounds.evaluate").info(
+        "wrote %s/{stats.json,bounds.json,report.md}; best bound %.4f bits/token (%s)", out,
+        table.best["bound_bits"], table.best["label"])
     return doc
