@@ -45,7 +45,6 @@ import torch  # noqa: E402
 from _common import ROOT, machine_line, markdown_table, write_result  # noqa: E402
 
 SUBSPACE_DIMS = {"S": (1000, 3000, 10000), "M": (2000, 6000, 20000), "L": (4000, 12000, 40000)}
-MAIN = ("token (union, Hoeffding)", "Freedman (union, empirical Bernstein)")
 
 
 def _key(obj) -> str:
@@ -204,13 +203,15 @@ def main() -> int:
         t = time.perf_counter()
         code = code_candidate(tr, calib, bits=bits)
         t_code = time.perf_counter() - t
-        stats = evaluate_loss(code.model, tokens, s, seed=1, eot_id=corpus.eot_id, progress=True,
-                              desc=f"[{spec} @ {bits} bits] eval")
+        scored = evaluate_loss(code.model, tokens, s, seed=1, eot_id=corpus.eot_id, progress=True,
+                               desc=f"[{spec} @ {bits} bits] eval")
+        stats = scored.stats
         coded = code.coded_bits + corpus.tokenizer_bits
-        fp = unquantized[spec]
-        table = from_stats(stats, coded, m, delta=0.05, extra_bits=extra_bits, vocab_size=vocab,
-                           unquantized_bits=fp.mean_nll_bits)
-        tb, fb = (table.bounds[k] for k in MAIN)
+        fp_scored = unquantized[spec]
+        fp = fp_scored.stats
+        table = from_stats(scored.document(coded, delta=0.05, extra_bits=extra_bits),
+                           unquantized_stats=fp_scored.document(coded, delta=0.05, extra_bits=extra_bits))
+        tb, fb = (table.bounds[table.primary[k]] for k in ("token", "freedman"))
         label = "dense, PTQ" if spec == "dense" else spec
         res = tr.train_result
         rows.append([f"{label} @ {bits} bits", f"{tr.num_trained:,}", f"{res.train_seconds:.0f}",
@@ -240,8 +241,8 @@ def main() -> int:
         f"bits/token). Model {args.size if not args.quick else 'tiny'}: {mcfg.n_layer} layer(s), d = {mcfg.d_model}, "
         f"dense N = {n_dense:,}. Every row trains {steps} steps x {batch * mcfg.context_length} tokens = "
         f"{steps * batch * mcfg.context_length:,} tokens (D = 20 N of the dense model) from seed 0. Losses and "
-        f"bounds in bits/token on s = {s:,} sampled training tokens (seed 1, the same for every row; a sampled "
-        f"estimate, its sampling term paid), delta = 0.05, extra bits = 10 + log2 {k_rows} = {extra_bits:.2f}.",
+        f"bounds in bits/token from s = {s:,} window-unit draws (windows of the model's context, stride T/2, "
+        f"seed 1, the same units for every row; a sampled estimate, its sampling term paid), delta = 0.05, extra bits = 10 + log2 {k_rows} = {extra_bits:.2f}.",
         "",
         markdown_table(head, rows),
         "",

@@ -425,8 +425,8 @@ def test_coded_round_trip_gives_identical_parameters_and_losses(spec):
     payload = code.encode()
     decoded = CodedModel.decode(payload).build()
     assert _same_state(code.model, decoded)
-    s1 = evaluate_loss(code.model, tokens, 300, seed=1)
-    s2 = evaluate_loss(decoded, tokens, 300, seed=1)
+    s1 = evaluate_loss(code.model, tokens, 300, seed=1).state
+    s2 = evaluate_loss(decoded, tokens, 300, seed=1).state
     assert s1.state_dict() == s2.state_dict()
     assert code.coded_bits_detail["header_bits"] > 0 and code.coded_bits > code.coded_bits_detail["header_bits"]
     # control: one changed code gives another model (the comparison above can fail)
@@ -478,5 +478,5 @@ def test_compress_candidate_end_to_end():
                                             sum(p.numel() for p in cand.trained.model.parameters()))
         if "subspace" in spec:
             assert cand.trained.train_config.lr > tcfg.lr  # the subspace learning-rate rule
-        stats = evaluate_loss(cand.model, tokens, 200, seed=2)
+        stats = evaluate_loss(cand.model, tokens, 200, seed=2).stats
         assert math.isfinite(stats.mean_nll_bits)

@@ -160,20 +160,25 @@ def compress_candidate(
 def evaluate_loss(
     model: nn.Module,
     tokens: np.ndarray,
-    num_samples: int,
+    num_samples: int | None,
     *,
     seed: int,
     eot_id: int | None = 0,
-    batch_size: int = 256,
+    window: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 64,
     progress: bool = False,
     desc: str = "eval",
 ):
-    """Smoothed losses (a :class:`tokenbounds.LossStats`) of ``model`` on ``num_samples`` training
-    tokens drawn uniformly with replacement (seed ``seed``): a sampled estimate of the empirical
-    risk, whose sampling term the bounds pay. The one evaluation path of this package (to be
-    pointed at a full pass once the window engine provides one)."""
-    from ..eval.sample import evaluate_sample, sample_tokens
+    """The statistics of ``model`` on the training tokens through the window engine of
+    ``tokenbounds evaluate`` (:func:`tokenbounds.eval.score.score_tokens`; windows of the model's
+    context, stride T / 2): the window units of ``num_samples`` uniform draws (seed ``seed``; a
+    sampled estimate whose sampling term the bounds pay, with s = the draws) or, with
+    ``num_samples=None``, a full pass (no sampling term). Returns a
+    :class:`tokenbounds.eval.score.Scored` (``.stats``; ``.document(coded_bits, ...)`` for
+    ``tokenbounds.bounds.from_stats``). The one evaluation path of this package."""
+    from ..eval.score import score_tokens
 
-    sample = sample_tokens(tokens, num_samples, context_length=model.config.context_length, seed=seed,
-                           eot_id=eot_id)
-    return evaluate_sample(model, tokens, sample, batch_size=batch_size, progress=progress, desc=desc)
+    return score_tokens(model, tokens, window=window or int(model.config.context_length), stride=stride,
+                        sample_tokens=num_samples, seed=seed, eot_id=eot_id, batch_size=batch_size,
+                        progress=progress, desc=desc)

@@ -161,27 +161,6 @@ def training_steps(num_parameters: int, cfg: PipelineConfig) -> int:
     return steps if cfg.max_steps is None else min(steps, cfg.max_steps)
 
 
-def _stats_document(state, *, m: int, rule, plan, coded_bits: float, delta: float, extra_bits: float,
-                    vocab_size: int) -> dict[str, Any]:
-    """A statistics document in the layout of ``tokenbounds evaluate``'s stats.json (format
-    tokenbounds.evaluate/2): ``tokenbounds bound --stats FILE`` reads it."""
-    from .evaluation import STATS_FORMAT
-
-    doc: dict[str, Any] = dict(state.stats.state_dict())
-    if state.units is not None:
-        doc["unit_stats"] = state.units.state_dict()
-    doc["evaluation"] = {
-        "format": STATS_FORMAT, "m": int(m), "delta": delta, "extra_bits": extra_bits, "vocab_size": int(vocab_size),
-        "coded": {"coded_bits": float(coded_bits), "description": "demo: coded model + tokenizer + architecture",
-                  "parts": {}},
-        "scoring": {**rule.to_dict(), "units": plan.num_units, "draws": plan.draws, "full_pass": plan.full_pass,
-                    "units_scored": int(plan.units.size), "scored_tokens": plan.scored_tokens,
-                    "units_sha256": plan.digest(), "seed": plan.seed},
-        "by_context_length": state.by_context_length(), "histogram": state.histogram_dict(),
-    }
-    return doc
-
-
 def _predicted_bound(stats, coded_bits: float, m: int, vocab: int, delta: float, extra: float
                      ) -> tuple[float, str]:
     """The bound a candidate would get from a full pass, its empirical mean and variance taken
@@ -216,27 +195,11 @@ def _quantize_candidate(model, calib, choice: QuantChoice, seed: int):
     return compact_unquantized(qm)
 
 
-def _scorer(net, streams, units, rule, *, track_units: bool):
-    from ..losses import DEFAULT_ALPHAS
-    from .hf import FusedHead
-    from .score import Scorer
-
-    return Scorer(FusedHead(net), streams, units, rule, DEFAULT_ALPHAS, track_units=track_units)
-
-
 def _score(net, streams, units, rule, plan, cfg: PipelineConfig, *, progress: bool, desc: str):
     """Score ``plan`` with ``net`` through the engine of ``tokenbounds evaluate``."""
-    scorer = _scorer(net, streams, units, rule, track_units=not plan.full_pass)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from .score import score_plan
 
-        bar = tqdm(total=plan.scored_tokens, desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True, leave=False)
-    try:
-        return scorer.score(plan, cfg.eval_batch_size, progress=bar.update if bar is not None else None)
-    finally:
-        if bar is not None:
-            bar.close()
+    return score_plan(net, streams, units, rule, plan, batch_size=cfg.eval_batch_size, progress=progress, desc=desc)
 
 
 def _read_state(path: str):
@@ -263,6 +226,7 @@ def run_pipeline(
     from ..models.gpt import GPT, GPTConfig
     from .data import TokenStreams, build_corpus
     from .sample import ContextRule, Units, plan_units
+    from .score import stats_document
     from .train import TrainConfig, train
 
     if not cfg.grid:
@@ -421,8 +385,8 @@ def run_pipeline(
         stats_q, fp = states["q"].stats, states["fp"].stats
         if stats_q.count != m or fp.count != m:
             raise RuntimeError(f"a full pass scored {stats_q.count} / {fp.count} tokens, not m = {m}")
-        doc = _stats_document(states["q"], m=m, rule=rule, plan=full, coded_bits=best["coded_bits"], delta=cfg.delta,
-                              extra_bits=extra_bits, vocab_size=V)
+        doc = stats_document(states["q"], rule, full, coded_bits=best["coded_bits"], delta=cfg.delta,
+                             extra_bits=extra_bits, description="demo: coded model + tokenizer + architecture")
         stats_path = os.path.join(edir, f"stats-{tag}.json")
         atomic_write_json(stats_path, doc)
 

@@ -15,7 +15,8 @@ to an :class:`~tokenbounds.eval.stats.EvalState`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ from .data import TokenStreams
 from .sample import ContextRule, Rows, UnitPlan, Units, rows_for_units
 from .stats import EvalState, losses_to_numpy
 
-__all__ = ["Scorer", "batch_slices"]
+__all__ = ["Scored", "Scorer", "batch_slices", "score_plan", "score_tokens", "stats_document"]
 
 
 def batch_slices(num_units: int, batch_size: int) -> list[slice]:
@@ -119,3 +120,93 @@ class Scorer:
             if progress is not None:
                 progress(n)
         return state
+
+
+def score_plan(model_or_head, streams: TokenStreams, units: Units, rule: ContextRule, plan: UnitPlan, *,
+               alphas=None, batch_size: int = 16, device: Any = "cpu", progress: bool = False,
+               desc: str = "score") -> EvalState:
+    """Score ``plan`` in this process (no checkpoints) with a tqdm bar when ``progress``: the loop
+    of the demo and of every in-process caller; ``tokenbounds evaluate`` runs the same batches in
+    resumable, sharded blocks. ``model_or_head``: a causal LM or a FusedHead."""
+    from ..losses import DEFAULT_ALPHAS
+    from .hf import FusedHead
+
+    head = model_or_head if isinstance(model_or_head, FusedHead) else FusedHead(model_or_head)
+    scorer = Scorer(head, streams, units, rule, DEFAULT_ALPHAS if alphas is None else alphas, device=device,
+                    track_units=not plan.full_pass)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=plan.scored_tokens, desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True, leave=False)
+    try:
+        return scorer.score(plan, batch_size, progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def stats_document(state: EvalState, rule: ContextRule, plan: UnitPlan, *, coded_bits: float, delta: float = 0.05,
+                   extra_bits: float = 0.0, description: str = "", parts: dict[str, float] | None = None
+                   ) -> dict[str, Any]:
+    """A statistics document in the layout of ``tokenbounds evaluate``'s stats.json (format
+    tokenbounds.evaluate/2: the LossStats state, ``unit_stats`` for a window-unit sample, and the
+    evaluation's m, scoring and C), which ``tokenbounds.bounds.from_stats`` and
+    ``tokenbounds bound --stats FILE`` read with the right sampling design."""
+    from .evaluation import STATS_FORMAT
+
+    doc: dict[str, Any] = dict(state.stats.state_dict())
+    if state.units is not None:
+        doc["unit_stats"] = state.units.state_dict()
+    doc["evaluation"] = {
+        "format": STATS_FORMAT, "m": int(plan.m), "delta": float(delta), "extra_bits": float(extra_bits),
+        "vocab_size": int(state.stats.vocab_size),
+        "coded": {"coded_bits": float(coded_bits), "description": description, "parts": dict(parts or {})},
+        "scoring": {**rule.to_dict(), "units": plan.num_units, "draws": plan.draws, "full_pass": plan.full_pass,
+                    "units_scored": int(plan.units.size), "scored_tokens": plan.scored_tokens,
+                    "units_sha256": plan.digest(), "seed": plan.seed},
+        "by_context_length": state.by_context_length(), "histogram": state.histogram_dict(),
+    }
+    return doc
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What :func:`score_tokens` returns: the statistics and the rule and plan that produced them."""
+
+    state: EvalState
+    rule: ContextRule
+    plan: UnitPlan
+
+    @property
+    def stats(self):
+        """The per-token :class:`tokenbounds.LossStats` (with multiplicity for a unit sample)."""
+        return self.state.stats
+
+    def document(self, coded_bits: float, *, delta: float = 0.05, extra_bits: float = 0.0,
+                 description: str = "", parts: dict[str, float] | None = None) -> dict[str, Any]:
+        """:func:`stats_document` of this result, for ``tokenbounds.bounds.from_stats``."""
+        return stats_document(self.state, self.rule, self.plan, coded_bits=coded_bits, delta=delta,
+                              extra_bits=extra_bits, description=description, parts=parts)
+
+
+def score_tokens(model, tokens: np.ndarray | Sequence[np.ndarray], *, window: int, stride: int | None = None,
+                 sample_tokens: int | None = None, seed: int = 0, prefix_token: int | None = None,
+                 eot_id: int | None = None, reset_at_eot: bool = False, alphas=None, batch_size: int = 16,
+                 device: Any = "cpu", progress: bool = False, desc: str = "score") -> Scored:
+    """Score ``model`` (our GPT or a Hugging Face causal LM) on token arrays with the window rule
+    of ``tokenbounds evaluate`` (window T, stride S, default T / 2; ``docs/evaluation.md``): a full
+    pass over every data point (``sample_tokens=None``; no sampling term) or the window units of
+    ``sample_tokens`` uniform draws (seed ``seed``). The in-process entry point of the engine for
+    experiments (compression, scaling, length generalisation); returns :class:`Scored`."""
+    from .sample import plan_units
+
+    files = [np.asarray(tokens)] if isinstance(tokens, np.ndarray) else [np.asarray(t) for t in tokens]
+    stride = max(1, int(window) // 2) if stride is None else int(stride)
+    rule = ContextRule("windows", int(window), stride, prefix_token, reset_at_eot, eot_id)
+    streams = TokenStreams(files, eot_id)
+    units = Units(streams, stride)
+    plan = plan_units(units, rule, sample_tokens=sample_tokens, seed=seed)
+    state = score_plan(model, streams, units, rule, plan, alphas=alphas, batch_size=batch_size, device=device,
+                       progress=progress, desc=desc)
+    return Scored(state, rule, plan)
