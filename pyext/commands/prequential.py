@@ -61,7 +61,9 @@ Examples:
                    help="train on the rows in stream order for every seed (default: a seeded permutation)")
     p.add_argument("--test-fraction", type=float, default=0.1, help="share of the rows held out (default 0.1)")
     p.add_argument("--max-test-tokens", type=int, default=65536, help="cap on held-out tokens (default 65536)")
-    p.add_argument("--max-train-tokens", type=int, default=None, help="train on the first N tokens' rows only")
+    p.add_argument("--max-train-tokens", type=int, default=None,
+                   help="train on the rows of the data's first tokens only, about N tokens (the held-out rows "
+                        "are then drawn from the same region)")
     p.add_argument("--information-content", action="store_true",
                    help="also score the training rows with the final model: K(h) ~ MDL - its losses "
                         "(Finzi et al.; an information-content estimate, not a valid prior); +1/3 of the cost")
@@ -184,6 +186,10 @@ def _run(args: argparse.Namespace) -> int:
              + f", {steps * rows_per_step:,} rows x {t} tokens, {args.seeds} seed(s)")
     paths = write_outputs(args.out, summary, plots=not args.no_plots, title=title)
     print(format_table(summary))
+    c = summary["cost"]["per_seed"]
+    print(f"cost per seed: {c['train_steps']:,} training steps in {c['training_runs']} run(s), "
+          f"{c['held_out_evaluations']} held-out evaluations of {c['held_out_tokens_per_evaluation']:,} tokens "
+          f"({len(summary['prefixes'])} prefixes)")
     f = summary["final"]
     print(f"EDL = {f['edl_bits']:.4g} bits = {f['edl_per_sample']:.4g} bits/sample = "
           f"{f['edl_per_token']:.4g} bits/token = {f['edl_per_parameter']:.4g} bits/trained parameter")

@@ -11,7 +11,9 @@ offline corpus ``corpus:kjv+shakespeare`` (built and cached by
 :func:`tokenbounds.eval.data.build_corpus`; ``scripts/get_corpus.sh`` installs the KJV Bible).
 Files are cut into rows of ``T + 1`` tokens (:class:`~tokenbounds.prequential.run.WindowRows`).
 The held-out rows are ``--test-data`` or a fixed random subset of the rows (seed
-``SPLIT_SEED``), removed from the training rows.
+``SPLIT_SEED``), removed from the training rows; with ``max_train_tokens`` the subset is drawn
+from the data's first ``max_train_tokens / (1 - test_fraction)`` tokens, the region the training
+rows come from (a corpus stored source by source is not stationary).
 
 A tokenizer fingerprint travels with each file (the sha256 of the tokenizer that produced it:
 the text tokenizer, the ``tokenizer.json`` next to a ``.bin`` file, the corpus's tokenizer), so
@@ -245,9 +247,14 @@ def load_inputs(src: ModelSource, data: list[str], test_data: list[str] | None, 
         split = {"held_out": "--test-data", "test_rows": k, "test_rows_available": len(test_all)}
     else:
         test_info = []
+        if max_train_tokens is not None:
+            # hold out rows of the same region of the data the training rows come from
+            region = math.ceil(max(1, int(max_train_tokens) // t) / (1.0 - test_fraction))
+            rows = rows.subset(np.arange(min(len(rows), region)))
         test_idx, train_idx = split_rows(rows, fraction=test_fraction, max_tokens=max_test_tokens)
         test, train = rows.subset(test_idx), rows.subset(train_idx)
-        split = {"held_out": f"random {len(test_idx)} of {len(rows)} rows (seed {SPLIT_SEED})",
+        split = {"held_out": f"random {len(test_idx)} of {len(rows)} rows (seed {SPLIT_SEED})"
+                             + (" of the data's first rows" if max_train_tokens is not None else ""),
                  "test_rows": int(test_idx.size)}
     if max_train_tokens is not None:
         keep = max(0, int(max_train_tokens) // t)

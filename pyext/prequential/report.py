@@ -141,6 +141,9 @@ def plot_toys(results: dict[str, dict[str, Any]], path: str) -> str:
     vals = [results[k]["final"]["edl_per_parameter"] for k in names]
     errs = [results[k]["final"]["edl_per_parameter_se"] or 0 for k in names]
     ax[3].bar(range(len(names)), vals, yerr=errs, capsize=3, color=["C0", "C1", "C0", "C1"][: len(names)])
+    for i, k in enumerate(names):  # did the run learn the task at all?
+        ax[3].annotate(f"L_test {results[k]['final']['test_loss_bits']:.2f}", (i, vals[i]), ha="center",
+                       textcoords="offset points", xytext=(0, 4), fontsize=7)
     ax[3].set_xticks(range(len(names)), [k.replace("_", "\n") for k in names], fontsize=8)
     ax[3].set(yscale="log", ylabel="EDL / trained parameter  [bits]", title="EDL per trained parameter (final n)")
     return _save(fig, path)

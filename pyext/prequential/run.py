@@ -403,8 +403,10 @@ def _write_json(path: str, obj: Any) -> None:
 def _run_key(identity: dict[str, Any], cfg: PrequentialConfig, seed: int) -> str:
     from ..eval.checkpoint import config_hash
 
-    return config_hash({"identity": identity, "config": asdict(cfg) | {"seeds": None}, "seed": int(seed),
-                        "format": FORMAT})
+    # what does not change the result stays out: the seed list (each seed has its own key), how
+    # often to checkpoint, the evaluation batch size
+    cfg_part = asdict(cfg) | {"seeds": None, "checkpoint_seconds": None, "eval_batch_rows": None}
+    return config_hash({"identity": identity, "config": cfg_part, "seed": int(seed), "format": FORMAT})
 
 
 def run_seed(
