@@ -209,6 +209,21 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
                         out_dir=str(tmp_path), progress=False, log=lambda *_: None)
 
 
+def test_sequential_batch_is_one_epoch_over_the_tokens():
+    from tokenbounds.eval.train import sequential_batch
+
+    tokens = np.arange(1, 2 * 3 * 4 + 2, dtype=np.uint16)  # 25 tokens: 6 rows of 4 + 1
+    ys = [sequential_batch(tokens, 3, 4, s)[1] for s in range(2)]
+    assert torch.equal(torch.cat(ys).reshape(-1), torch.arange(2, 26))  # every token after the first, once
+    x, y = sequential_batch(tokens, 3, 4, 0)
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(x[1], torch.tensor([5, 6, 7, 8]))
+    x2, _ = sequential_batch(tokens, 3, 4, 0, order=np.array([5, 0, 1, 2, 3, 4]))
+    assert torch.equal(x2[0], torch.tensor([21, 22, 23, 24]))
+    with pytest.raises(IndexError, match="windows"):
+        sequential_batch(tokens, 3, 4, 2)
+    assert WindowRows([tokens], 4).batch(np.arange(6))[1].reshape(-1).tolist() == list(range(2, 26))
+
+
 def test_rows_validate():
     with pytest.raises(ValueError, match="same number of tokens"):
         TensorRows(torch.zeros(2, 2, dtype=torch.long), torch.tensor([[1, -100], [1, 1]]))

@@ -92,11 +92,6 @@ class StepRecord:
     lr: float
 
 
-def sequential_steps(num_tokens: int, batch_size: int, context_length: int) -> int:
-    """Full batches in one sequential epoch of :func:`sequential_batch` over ``num_tokens`` tokens."""
-    return ((int(num_tokens) - 1) // int(context_length)) // int(batch_size)
-
-
 def sequential_batch(tokens: np.ndarray, batch_size: int, context_length: int, step: int,
                      order: np.ndarray | None = None):
     """Batch ``step`` of one epoch over ``tokens`` in order: row r is the window
