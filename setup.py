@@ -68,6 +68,8 @@ setup(
         "tokenbounds.eval",
         "tokenbounds.models",
         "tokenbounds.commands",
+        "tokenbounds.prequential",
+        "tokenbounds.compress",
         "tokenbounds.triton_kernels",
     ],
     package_dir={
@@ -79,6 +81,8 @@ setup(
         "tokenbounds.eval": "pyext/eval",
         "tokenbounds.models": "pyext/models",
         "tokenbounds.commands": "pyext/commands",
+        "tokenbounds.prequential": "pyext/prequential",
+        "tokenbounds.compress": "pyext/compress",
         "tokenbounds.triton_kernels": "triton_kernels",
     },
     ext_modules=ext_modules,

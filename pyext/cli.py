@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "hessian": "Estimate Hessian trace / spectrum of a model's token loss; writes JSON + a PNG.",
     "evaluate": "Evaluate a local model on sampled training tokens: stats, every bound, report, plots.",
     "plan": "Estimate time, memory and GPUs for an evaluation from a roofline model.",
+    "prequential": "Prequential code length and excess description length (EDL) of one training pass; JSON + PNG.",
 }
 
 
