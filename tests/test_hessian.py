@@ -173,6 +173,7 @@ def test_hutchinson_on_model_operator(gpt_case):
     _, _, op, H = gpt_case
     exact = reference.spectral_trace_reference(H, "identity")
     est = hutchinson_trace(op, 24, seed=7)
+    assert op.quadratic_path == "taylor"
     dense = hutchinson_trace(H, 24, seed=7)  # same probes -> same samples
     assert est.value == pytest.approx(dense.value, rel=1e-9)
     _within(est, exact)

@@ -28,7 +28,12 @@ F_NAMES = ("identity", "sqrt_abs", "sqrt_clamped", "log")
 
 @runtime_checkable
 class LinearOperator(Protocol):
-    """A symmetric n x n operator: ``shape == (n, n)``, ``dtype``, ``device``, ``matmat(V) = H @ V``."""
+    """A symmetric n x n operator: ``shape == (n, n)``, ``dtype``, ``device``, ``matmat(V) = H @ V``.
+
+    Optional: ``quadratic_forms(V)`` -> [k] float64 v_c^T H v_c (Hutchinson uses it instead of
+    matmat, e.g. Taylor mode for :class:`ModelHessian`), ``rademacher_quadratic_forms(k, seed=,
+    offset=)`` (probes generated inside the kernel, e.g. :class:`ProxyHessian`).
+    """
 
     shape: tuple[int, int]
     dtype: torch.dtype
@@ -146,13 +151,17 @@ def hutchinson_samples(op, num_matvecs: int, *, seed: int = 0, offset: int = 0,
     """z_c^T H z_c for probe columns offset .. offset + num_matvecs - 1 (float64)."""
     out = []
     block = _block(op, probe_block, num_matvecs)
-    fast = getattr(op, "rademacher_quadratic_forms", None)
+    in_kernel = getattr(op, "rademacher_quadratic_forms", None)
+    forms = getattr(op, "quadratic_forms", None)
     for start in range(0, num_matvecs, block):
         k = min(block, num_matvecs - start)
-        if fast is not None:  # e.g. ProxyHessian: probes generated inside the kernel, never stored
-            out.append(fast(k, seed=seed, offset=offset + start).to(torch.float64))
+        if in_kernel is not None:  # e.g. ProxyHessian: probes generated inside the kernel, never stored
+            out.append(in_kernel(k, seed=seed, offset=offset + start).to(torch.float64))
             continue
         Z = _probes(op, k, seed, offset + start).to(op.dtype)
+        if forms is not None:  # e.g. ModelHessian: z^T H z by Taylor mode, no H z
+            out.append(forms(Z).to(torch.float64))
+            continue
         HZ = op.matmat(Z)
         # z = +-1, so z * (Hz) is exact in any dtype; only the sum needs float64.
         out.append((HZ * Z).sum(0, dtype=torch.float64))
