@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.gram import gram_accumulate_, rademacher_matmul, symmetrize_upper
-from .taylor import UnsupportedOp, jet_parts, taylor_forward
+from .taylor import TaylorTape, UnsupportedOp
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 METHODS = ("auto", "autograd", "func")
@@ -133,6 +133,8 @@ class _ModelOperator:
         self.probe_block = probe_block
         self.quadratic = quadratic
         self.taylor_unsupported: str | None = None  # why quadratic="auto" fell back to matvecs
+        self.cache_graph = True
+        self._tapes: dict[int, TaylorTape] = {}
         # Tied weights (e.g. GPT's lm_head.weight = tok_emb.weight) appear once in named_parameters;
         # torch.func.functional_call needs every alias replaced explicitly.
         canonical = {id(p): k for k, p in zip(self.names, self.params, strict=True)}
@@ -221,12 +223,21 @@ class _ModelOperator:
         for _, block in self._blocks(V):
             dirs = self._per_param(block)
             acc = torch.zeros(block.shape[0], dtype=torch.float64, device=self.device)
-            for batch in self.batches:
-                acc += self._taylor_block(batch, dirs).to(torch.float64)
+            for b, batch in enumerate(self.batches):
+                acc += self._taylor_block(b, batch, dirs).to(torch.float64)
             out.append(acc / len(self.batches))
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
-    def _taylor_block(self, batch: Batch, dirs: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover
+    def _tape(self, b: int, make: Callable[[], TaylorTape]) -> TaylorTape:
+        """The batch's recorded forward (and adjoints), kept across probe blocks when ``cache_graph``."""
+        tape = self._tapes.get(b)
+        if tape is None:
+            tape = make()
+            if self.cache_graph:
+                self._tapes[b] = tape
+        return tape
+
+    def _taylor_block(self, b: int, batch: Batch, dirs: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def _apply_block(self, b: int, batch: Batch, block: torch.Tensor, dst: list[torch.Tensor],
@@ -328,10 +339,9 @@ class ModelHessian(_ModelOperator):
 
         return vmap(hvp)(block)
 
-    def _taylor_block(self, batch, dirs):
-        out = taylor_forward(lambda ps: self._loss(self._param_dict(ps), batch), self.params, dirs)
-        _, _, d2 = jet_parts(out, dirs[0].shape[0])
-        return d2.reshape(-1)
+    def _taylor_block(self, b, batch, dirs):
+        tape = self._tape(b, lambda: TaylorTape(lambda ps: self._loss(self._param_dict(ps), batch), self.params))
+        return tape.push(dirs)[1]
 
 
 class _Functional(nn.Module):
@@ -419,16 +429,15 @@ class GaussNewton(_ModelOperator):
             gv = torch.autograd.grad(logits, self.params, h_out(jv), retain_graph=True, allow_unused=True)
             self._store([d[c] for d in dst], gv, accumulate)
 
-    def _taylor_block(self, batch, dirs):
+    def _taylor_block(self, b, batch, dirs):
         inputs, targets = batch
 
         def logits_of(ps):
             with _sdpa_math():
                 return self._float_logits(model_logits(_Functional(self.model, self._param_dict(ps)), inputs))
 
-        out = taylor_forward(logits_of, self.params, dirs, order=1)
-        logits, ju, _ = jet_parts(out, dirs[0].shape[0])
-        return _softmax_quadratic(logits, targets, ju)
+        tape = self._tape(b, lambda: TaylorTape(logits_of, self.params, second_order=False))
+        return _softmax_quadratic(tape.out, targets, tape.push(dirs)[0])
 
 
 class ProxyHessian:

@@ -1,29 +1,37 @@
-"""Second-order forward (Taylor) mode: z^T H z for a block of directions in one forward pass.
+"""z^T H z for a block of directions without forming H z: forward mode plus one adjoint pass.
 
-Hutchinson's estimator needs only the quadratic forms z^T H z, not H z. With the parameters
-moving along a line, theta(eps) = theta + eps z, every intermediate value of the forward pass is a
-univariate second-order Taylor polynomial x(eps) = x + eps x' + eps^2 / 2 x'' and
-L''(0) = z^T H z (univariate Taylor propagation: Griewank & Walther, *Evaluating Derivatives*,
-2nd ed. 2008, ch. 13; for randomized Hessian traces of networks, Dangel, Siebert, Zeinhofer &
-Walther, "Collapsing Taylor Mode Automatic Differentiation", NeurIPS 2024). A linear layer
-y = x W^T costs four products per direction (x' W^T, x W'^T, x'' W^T, x' W'^T) against six for a
-Hessian-vector product by double backward (and nine when the forward and first backward are
-re-run per probe, as the peers do); there is no backward pass and no autograd graph, so memory
-is the forward activations times (1 + 2 k).
+Hutchinson's estimator needs only the quadratic forms z^T H z. Move the parameters along a line,
+theta(eps) = theta + eps z; every intermediate u_i = phi_i(inputs) of the forward pass then has
+derivatives u_i' (first-order forward mode) and u_i'' = J_i u_in'' + Q_i(u_in'), where Q_i is the
+op's own second-order term (x' W'^T twice for a matrix product, phi''(x) x'^2 for an elementwise
+phi, ...). The u'' recursion is linear, so with the adjoints g_i = dL / du_i of one ordinary
+backward pass,
 
-:class:`Jet` is a tensor subclass carrying ``(x, x', x'')``, the two derivative tensors with a
-leading dimension of k directions; its ``__torch_dispatch__`` applies the rule of each ATen op.
-Ops without a rule raise :class:`UnsupportedOp` (callers fall back to Hessian-vector products):
-a missing rule can never silently be treated as a constant. ``order=1`` propagates x' only
-(Jacobian-vector products, for the Gauss-Newton quadratic forms).
+    z^T H z = L''(0) = sum_i < g_i, Q_i(u_in') >
+
+(the second-order adjoint identity: Griewank & Walther, *Evaluating Derivatives*, 2nd ed. 2008,
+sec. 5.4; univariate Taylor propagation, ch. 13). One recorded forward + backward per batch gives
+the primal values and every g_i; each block of k directions then costs one first-order forward
+pass plus the contractions: three products per linear layer and direction (x' W^T, x W'^T and
+g W' for < g, 2 x' W'^T >) against four for full second-order Taylor mode, six for a
+double-backward Hessian-vector product and nine when the forward and first backward are re-run
+per probe (the peers).
+
+:class:`TaylorTape` records the ATen ops that depend on the parameters (a ``TorchDispatchMode``
+over an ordinary autograd forward) and replays them with rules. An op without a rule, or an
+in-place op on a recorded tensor, raises :class:`UnsupportedOp` while recording (callers fall back
+to Hessian-vector products): a missing rule is never silently treated as a constant.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 aten = torch.ops.aten
 
@@ -31,82 +39,56 @@ _RULES: dict = {}
 
 
 class UnsupportedOp(NotImplementedError):
-    """An ATen op reached with a Jet argument has no Taylor rule."""
+    """An ATen op on a parameter-dependent tensor has no rule (or mutates one in place)."""
 
 
-class Jet(torch.Tensor):
-    """A tensor x with first and second directional derivatives d1 = x', d2 = x'' ([k, *x.shape]).
+class Dual:
+    """A parameter-dependent value during replay: the primal and its k first derivatives [k, ...]."""
 
-    ``d1``/``d2`` None means zero. ``order`` 1 drops every second-order term.
-    """
+    __slots__ = ("primal", "d1")
 
-    primal: torch.Tensor
-    d1: torch.Tensor | None
-    d2: torch.Tensor | None
-    order: int
+    def __init__(self, primal: torch.Tensor, d1: torch.Tensor):
+        self.primal, self.d1 = primal, d1
 
-    @staticmethod
-    def __new__(cls, primal: torch.Tensor, d1, d2, order: int = 2):
-        r = torch.Tensor._make_wrapper_subclass(
-            cls, primal.shape, strides=primal.stride(), storage_offset=primal.storage_offset(),
-            dtype=primal.dtype, device=primal.device, requires_grad=False)
-        r.primal, r.d1, r.d2, r.order = primal, d1, d2, order
-        return r
 
-    def __repr__(self) -> str:  # pragma: no cover - debugging aid
-        return f"Jet({self.primal!r}, d1={None if self.d1 is None else tuple(self.d1.shape)})"
+@dataclass
+class _Ctx:
+    """What a rule sees besides its arguments: the recorded primal output(s), their adjoints
+    (None where L does not depend on them, or with ``second=False``), a per-op cache that lives
+    across probe blocks, and an accumulator for < g, Q >."""
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    out: object
+    adj: object
+    cache: dict
+    second: bool
+    k: int
+    func: object = None
+    contrib: torch.Tensor | None = None
 
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        rule = _RULES.get(func) or _RULES.get(func.overloadpacket)
-        if rule is None:
-            raise UnsupportedOp(f"no second-order Taylor rule for {func}")
-        return rule(func, *args, **kwargs)
+    def add(self, value: torch.Tensor) -> None:
+        value = value.reshape(self.k)
+        self.contrib = value if self.contrib is None else self.contrib + value
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _primal(x):
-    return x.primal if isinstance(x, Jet) else x
+def _p(x):
+    return x.primal if isinstance(x, Dual) else x
 
 
-def _d1(x):
-    return x.d1 if isinstance(x, Jet) else None
-
-
-def _d2(x):
-    return x.d2 if isinstance(x, Jet) else None
-
-
-def _order(*xs) -> int:
-    return min((x.order for x in xs if isinstance(x, Jet)), default=2)
-
-
-def _make(primal, d1, d2, order: int):
-    """A Jet, or the plain primal when both derivatives vanish (a constant)."""
-    if not isinstance(primal, torch.Tensor):
-        return primal
-    if order < 2:
-        d2 = None
-    if d1 is None and d2 is None:
-        return primal
-    return Jet(primal, d1, d2, order)
+def _t(x):
+    return x.d1 if isinstance(x, Dual) else None
 
 
 def _add(*terms):
-    """Sum of the non-None terms (None if all are None)."""
     out = None
     for t in terms:
-        if t is None:
-            continue
-        out = t if out is None else out + t
+        if t is not None:
+            out = t if out is None else out + t
     return out
 
 
 def _lift(t, ndim: int):
-    """[k, *s] -> [k, 1, ..., 1, *s] with 1 + ndim dims, so it broadcasts like the primal."""
+    """[k, *s] -> [k, 1, ..., 1, *s] with 1 + ndim dims, so it broadcasts like its primal."""
     if t is None or t.dim() - 1 >= ndim:
         return t
     return t.reshape(t.shape[0], *([1] * (ndim - t.dim() + 1)), *t.shape[1:])
@@ -132,11 +114,11 @@ def _dims(dims, ndim: int) -> list[int]:
     return [_dim(d, ndim) for d in dims]
 
 
-def _probes(*xs) -> int:
-    for x in xs:
-        if isinstance(x, Jet):
-            return (x.d1 if x.d1 is not None else x.d2).shape[0]
-    raise AssertionError("no Jet argument")  # pragma: no cover
+def _dot(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """sum over all but the probe dim of w * t (w broadcast like a primal) -> [k]."""
+    if w.shape == t.shape[1:] and t.is_contiguous() and w.is_contiguous():
+        return t.reshape(t.shape[0], -1) @ w.reshape(-1)
+    return (t * w).reshape(t.shape[0], -1).sum(1)
 
 
 def _register(*ops):
@@ -148,324 +130,262 @@ def _register(*ops):
     return deco
 
 
-def _linear_rule(apply: Callable):
-    """Rule of an op linear in its first argument; ``apply(t, primal, *args, **kw)`` maps a
-    [k, ...] tangent of the first argument (other arguments are constants)."""
+def _linear(apply: Callable):
+    """Rule of an op linear in its first argument (the others constant): u' = apply(x', ...)."""
 
-    def rule(func, x, *args, **kwargs):
-        p = _primal(x)
-        out = func(p, *args, **kwargs)
-        if not isinstance(x, Jet):
-            return out
-        d1 = None if x.d1 is None else apply(x.d1, p, *args, **kwargs)
-        d2 = None if x.d2 is None else apply(x.d2, p, *args, **kwargs)
-        return _make(out, d1, d2, x.order)
+    def rule(ctx, x, *args, **kwargs):
+        if any(isinstance(a, Dual) for a in (*args, *kwargs.values())):
+            raise UnsupportedOp("only the first argument may depend on the parameters")
+        return apply(x.d1, x.primal, *args, **kwargs)
 
     return rule
 
 
-def _check_constant_args(func, args, kwargs) -> None:
-    if any(isinstance(a, Jet) for a in (*args, *kwargs.values())):
-        raise UnsupportedOp(f"{func}: only the first argument may depend on the parameters")
+def _none_rule(ctx, *args, **kwargs):
+    return None
 
 
 # ------------------------------------------------------------------------------ linear ops
-def _view_tangent(t, p, size, *_, **__):
-    return t.reshape(t.shape[0], *size)
+_register(aten.view.default, aten._unsafe_view.default, aten.reshape.default)(
+    _linear(lambda t, p, size: t.reshape(t.shape[0], *size)))
+_register(aten.t.default)(_linear(lambda t, p: t.transpose(1, 2) if p.dim() == 2 else t))
+_register(aten.transpose.int)(_linear(lambda t, p, a, b: t.transpose(_dim(a, p.dim()), _dim(b, p.dim()))))
+_register(aten.permute.default)(_linear(lambda t, p, dims: t.permute(0, *[_dim(d, p.dim()) for d in dims])))
+_register(aten.unsqueeze.default)(_linear(lambda t, p, d: t.unsqueeze(_dim(d, p.dim() + 1))))
+_register(aten.select.int)(_linear(lambda t, p, dim, i: t.select(_dim(dim, p.dim()), i)))
+_register(aten.slice.Tensor)(_linear(
+    lambda t, p, dim=0, start=None, end=None, step=1: aten.slice.Tensor(t, _dim(dim, p.dim()), start, end, step)))
+_register(aten.clone.default, aten.alias.default, aten.contiguous.default, aten.lift_fresh.default)(
+    _linear(lambda t, p, *a, **kw: t))
+_register(aten._to_copy.default)(_linear(lambda t, p, **kw: t.to(kw["dtype"]) if kw.get("dtype") else t))
+_register(aten.neg.default)(_linear(lambda t, p: -t))
+_register(aten.mul.Scalar)(_linear(lambda t, p, s: t * s))
+_register(aten.add.Scalar, aten.sub.Scalar)(_linear(lambda t, p, s, alpha=1: t))
+_register(aten.rsub.Scalar)(_linear(lambda t, p, s, alpha=1: -alpha * t))
+_register(aten.detach.default)(_none_rule)  # stop-gradient: a constant, as for autograd
 
 
-_register(aten.view.default, aten._unsafe_view.default, aten.reshape.default)(_linear_rule(_view_tangent))
+_register(aten.div.Scalar)(_linear(lambda t, p, s: t / s))
 
 
-@_register(aten.t.default)
-def _t(func, x):
-    return _linear_rule(lambda t, p: t.transpose(1, 2) if p.dim() == 2 else t)(func, x)
-
-
-@_register(aten.transpose.int)
-def _transpose(func, x, d0, d1):
-    n = _primal(x).dim()
-    return _linear_rule(lambda t, p, a, b: t.transpose(_dim(a, n), _dim(b, n)))(func, x, d0, d1)
-
-
-@_register(aten.permute.default)
-def _permute(func, x, dims):
-    n = _primal(x).dim()
-    return _linear_rule(lambda t, p, ds: t.permute(0, *[_dim(d, n) for d in ds]))(func, x, dims)
-
-
-def _expand_tangent(t, p, size, implicit=False):
-    new = len(size) - p.dim()
-    t = t.reshape(t.shape[0], *([1] * new), *t.shape[1:])
+@_register(aten.expand.default)
+def _expand(ctx, x, size, implicit=False):
+    t = x.d1
+    t = t.reshape(t.shape[0], *([1] * (len(size) - x.primal.dim())), *t.shape[1:])
     return t.expand(t.shape[0], *size)
 
 
-_register(aten.expand.default)(_linear_rule(_expand_tangent))
-
-
-@_register(aten.unsqueeze.default)
-def _unsqueeze(func, x, d):
-    n = _primal(x).dim() + 1
-    return _linear_rule(lambda t, p, dd: t.unsqueeze(_dim(dd, n)))(func, x, d)
-
-
 @_register(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
-def _squeeze(func, x, dims=None):
-    p = _primal(x)
-    n = p.dim()
+def _squeeze(ctx, x, dims=None):
+    p = x.primal
     if dims is None:
-        dims = [d for d in range(n) if p.shape[d] == 1]
+        dims = [d for d in range(p.dim()) if p.shape[d] == 1]
     elif isinstance(dims, int):
         dims = [dims]
-    dims = [d for d in dims if n and p.shape[d] == 1]
-    td = tuple(_dim(d, n) for d in dims)
-    out_rule = _linear_rule(lambda t, *_: t.squeeze(td) if td else t)
-    return out_rule(func, x) if func is aten.squeeze.default else out_rule(func, x, dims if dims else [])
-
-
-@_register(aten.slice.Tensor)
-def _slice(func, x, dim=0, start=None, end=None, step=1):
-    n = _primal(x).dim()
-    return _linear_rule(lambda t, p, *a: aten.slice.Tensor(t, _dim(dim, n), start, end, step))(
-        func, x, dim, start, end, step)
-
-
-@_register(aten.select.int)
-def _select(func, x, dim, index):
-    n = _primal(x).dim()
-    return _linear_rule(lambda t, p, *a: t.select(_dim(dim, n), index))(func, x, dim, index)
+    td = tuple(_dim(d, p.dim()) for d in dims if p.dim() and p.shape[d] == 1)
+    return x.d1.squeeze(td) if td else x.d1
 
 
 @_register(aten.split.Tensor, aten.split_with_sizes.default)
-def _split(func, x, split, dim=0):
-    p = _primal(x)
-    outs = func(p, split, dim)
-    if not isinstance(x, Jet):
-        return outs
-    d = _dim(dim, p.dim())
-    sizes = [o.shape[dim] for o in outs]
-    d1 = x.d1.split(sizes, d) if x.d1 is not None else [None] * len(outs)
-    d2 = x.d2.split(sizes, d) if x.d2 is not None else [None] * len(outs)
-    return [_make(o, a, b, x.order) for o, a, b in zip(outs, d1, d2, strict=True)]
+def _split(ctx, x, split, dim=0):
+    return list(x.d1.split([o.shape[dim] for o in ctx.out], _dim(dim, x.primal.dim())))
 
 
 @_register(aten.unbind.int)
-def _unbind(func, x, dim=0):
-    p = _primal(x)
-    outs = func(p, dim)
-    d = _dim(dim, p.dim())
-    d1 = x.d1.unbind(d) if x.d1 is not None else [None] * len(outs)
-    d2 = x.d2.unbind(d) if x.d2 is not None else [None] * len(outs)
-    return [_make(o, a, b, x.order) for o, a, b in zip(outs, d1, d2, strict=True)]
+def _unbind(ctx, x, dim=0):
+    return list(x.d1.unbind(_dim(dim, x.primal.dim())))
 
 
 @_register(aten.cat.default)
-def _cat(func, tensors, dim=0):
-    prim = [_primal(t) for t in tensors]
-    out = func(prim, dim)
-    k = _probes(*tensors)
-    order = _order(*tensors)
-    d = _dim(dim, out.dim())
-
-    def part(get):
-        if all(get(t) is None for t in tensors):
-            return None
-        return torch.cat([get(t) if get(t) is not None else p.new_zeros((k, *p.shape))
-                          for t, p in zip(tensors, prim, strict=True)], d)
-
-    return _make(out, part(_d1), part(_d2) if order > 1 else None, order)
+def _cat(ctx, tensors, dim=0):
+    d = _dim(dim, ctx.out.dim())
+    return torch.cat([t.d1 if isinstance(t, Dual) else t.new_zeros((ctx.k, *t.shape)) for t in tensors], d)
 
 
 @_register(aten.stack.default)
-def _stack(func, tensors, dim=0):
-    n = _primal(tensors[0]).dim() + 1
-    dim = dim % n
-    return _cat(aten.cat.default, [aten.unsqueeze.default(t, dim) for t in tensors], dim)
-
-
-def _identity_tangent(t, *_, **__):
-    return t
-
-
-_register(aten.clone.default, aten.alias.default, aten.contiguous.default, aten.lift_fresh.default)(
-    _linear_rule(_identity_tangent))
-
-
-@_register(aten._to_copy.default)
-def _to_copy(func, x, **kwargs):
-    dtype = kwargs.get("dtype")
-    return _linear_rule(lambda t, *_, **__: t.to(dtype) if dtype is not None else t)(func, x, **kwargs)
-
-
-@_register(aten.detach.default)
-def _detach(func, x):
-    return _primal(x).detach()  # stop-gradient: a constant, as for autograd
+def _stack(ctx, tensors, dim=0):
+    d = _dim(dim, ctx.out.dim())
+    return torch.stack([t.d1 if isinstance(t, Dual) else t.new_zeros((ctx.k, *t.shape)) for t in tensors], d)
 
 
 @_register(aten.embedding.default)
-def _embedding(func, weight, indices, *args):
-    _check_constant_args(func, (indices, *args), {})
-
-    def apply(t, p, idx, *_):
-        return t.index_select(1, idx.reshape(-1)).reshape(t.shape[0], *idx.shape, p.shape[1])
-
-    return _linear_rule(apply)(func, weight, indices, *args)
+def _embedding(ctx, weight, indices, *args):
+    if isinstance(indices, Dual):
+        return None  # integer indices carry no derivative
+    t = weight.d1
+    return t.index_select(1, indices.reshape(-1)).reshape(t.shape[0], *indices.shape, t.shape[-1])
 
 
-@_register(aten.gather.default)
-def _gather(func, x, dim, index, sparse_grad=False):
-    n = _primal(x).dim()
-    return _linear_rule(lambda t, p, *_: t.gather(_dim(dim, n), index.expand(t.shape[0], *index.shape)))(
-        func, x, dim, index, sparse_grad)
-
-
-@_register(aten.index_select.default)
-def _index_select(func, x, dim, index):
-    n = _primal(x).dim()
-    return _linear_rule(lambda t, p, *_: t.index_select(_dim(dim, n), index))(func, x, dim, index)
-
-
-@_register(aten.index.Tensor)
-def _index(func, x, indices):
-    _check_constant_args(func, indices, {})
-    # Advanced indexing can move dims; vmap over the probe dim applies exactly the same indexing.
-    return _linear_rule(lambda t, p, idx: torch.vmap(lambda u: aten.index.Tensor(u, idx))(t))(func, x, indices)
+_register(aten.gather.default)(_linear(
+    lambda t, p, dim, index, sparse_grad=False: t.gather(_dim(dim, p.dim()), index.expand(t.shape[0], *index.shape))))
+_register(aten.index_select.default)(_linear(lambda t, p, dim, index: t.index_select(_dim(dim, p.dim()), index)))
+# Advanced indexing can move dims; vmap over the probe dim applies exactly the same indexing.
+_register(aten.index.Tensor)(_linear(lambda t, p, idx: torch.vmap(lambda u: aten.index.Tensor(u, idx))(t)))
 
 
 @_register(aten.sum.dim_IntList, aten.sum.default)
-def _sum(func, x, dims=None, keepdim=False, *, dtype=None):
-    n = _primal(x).dim()
-    args = () if func is aten.sum.default else (dims, keepdim)
-
-    def apply(t, *_, **__):
-        return t.sum(_dims(dims, n), keepdim=keepdim, dtype=dtype) if n else t
-
-    return _linear_rule(apply)(func, x, *args, **({"dtype": dtype} if dtype is not None else {}))
+def _sum(ctx, x, dims=None, keepdim=False, *, dtype=None):
+    n = x.primal.dim()
+    return x.d1.sum(_dims(dims, n), keepdim=keepdim, dtype=dtype) if n else x.d1
 
 
 @_register(aten.mean.dim, aten.mean.default)
-def _mean(func, x, dims=None, keepdim=False, *, dtype=None):
-    n = _primal(x).dim()
-    args = () if func is aten.mean.default else (dims, keepdim)
-
-    def apply(t, *_, **__):
-        return t.mean(_dims(dims, n), keepdim=keepdim, dtype=dtype) if n else t
-
-    return _linear_rule(apply)(func, x, *args, **({"dtype": dtype} if dtype is not None else {}))
-
-
-@_register(aten.neg.default)
-def _neg(func, x):
-    return _linear_rule(lambda t, p: -t)(func, x)
-
-
-@_register(aten.mul.Scalar, aten.div.Scalar)
-def _scale(func, x, s):
-    return _linear_rule(lambda t, p, c: func(t, c))(func, x, s)
-
-
-@_register(aten.add.Scalar, aten.sub.Scalar)
-def _shift(func, x, s, alpha=1):
-    return _linear_rule(_identity_tangent)(func, x, s, alpha)
-
-
-@_register(aten.rsub.Scalar)
-def _rsub_scalar(func, x, s, alpha=1):
-    return _linear_rule(lambda t, *_: -alpha * t)(func, x, s, alpha)
+def _mean(ctx, x, dims=None, keepdim=False, *, dtype=None):
+    n = x.primal.dim()
+    return x.d1.mean(_dims(dims, n), keepdim=keepdim, dtype=dtype) if n else x.d1
 
 
 @_register(aten.masked_fill.Scalar)
-def _masked_fill(func, x, mask, value):
-    _check_constant_args(func, (mask,), {})
-    n = _primal(x).dim()
-    return _linear_rule(lambda t, p, m, v: t.masked_fill(_lift_plain(m, n), 0))(func, x, mask, value)
+def _masked_fill(ctx, x, mask, value):
+    return x.d1.masked_fill(_lift_plain(mask, x.primal.dim()), 0)
 
 
 @_register(aten.where.self)
-def _where(func, cond, a, b):
-    _check_constant_args(func, (cond,), {})
-    out = func(cond, _primal(a), _primal(b))
-    n = out.dim()
-    c = _lift_plain(cond, n)
-    order = _order(a, b)
-
-    def part(get):
-        ta, tb = _lift(get(a), n), _lift(get(b), n)
-        if ta is None and tb is None:
-            return None
-        return torch.where(c, ta if ta is not None else 0.0, tb if tb is not None else 0.0)
-
-    return _make(out, part(_d1), part(_d2), order)
+def _where(ctx, cond, a, b):
+    n = ctx.out.dim()
+    ta, tb = _lift(_t(a), n), _lift(_t(b), n)
+    if ta is None and tb is None:
+        return None
+    return torch.where(_lift_plain(cond, n), ta if ta is not None else 0.0, tb if tb is not None else 0.0)
 
 
-# ---------------------------------------------------------------------------- elementwise
 @_register(aten.add.Tensor, aten.sub.Tensor)
-def _add_sub(func, a, b, alpha=1):
-    out = func(_primal(a), _primal(b), alpha=alpha)
-    n = out.dim()
-    sign = alpha if func is aten.add.Tensor else -alpha
-
-    def part(get):
-        ta, tb = _lift(get(a), n), _lift(get(b), n)
-        if tb is not None and sign != 1:
-            tb = tb * sign
-        return _add(ta, tb)
-
-    order = _order(a, b)
-    return _make(out, part(_d1), part(_d2) if order > 1 else None, order)
+def _add_sub(ctx, a, b, alpha=1):
+    n = ctx.out.dim()
+    sign = alpha if ctx.func is aten.add.Tensor else -alpha
+    tb = _lift(_t(b), n)
+    if tb is not None and sign != 1:
+        tb = tb * sign
+    return _add(_lift(_t(a), n), tb)
 
 
+@_register(aten.amax.default)
+def _amax(ctx, x, dims=(), keepdim=False):
+    # Piecewise linear: the derivative of the maximum (ties share evenly, as in autograd).
+    p = x.primal
+    red = _dims(dims, p.dim())
+    mask = ctx.cache.get("mask")
+    if mask is None:
+        mask = (p == aten.amax.default(p, dims, True)).to(p.dtype)
+        mask = ctx.cache.setdefault("mask", mask / mask.sum([r - 1 for r in red], keepdim=True))
+    return (x.d1 * mask).sum(red, keepdim=keepdim)
+
+
+@_register(aten.nll_loss_forward.default)
+def _nll_loss(ctx, x, target, weight, reduction, ignore_index):
+    # -sum_i w_i x[i, t_i] (/ sum_i w_i for reduction="mean"): linear in x.
+    p, t = x.primal, x.d1
+    out, total = ctx.out
+    tgt = target.reshape(-1) if p.dim() == 1 else target
+    valid = tgt != ignore_index
+    safe = torch.where(valid, tgt, 0)
+    w = valid.to(p.dtype) if weight is None else valid.to(p.dtype) * weight[safe]
+    t = t.reshape(t.shape[0], -1, p.shape[-1])
+    vals = -t.gather(2, safe.reshape(1, -1, 1).expand(t.shape[0], -1, 1))[..., 0] * w
+    if reduction == 0:  # none
+        return [vals.reshape(t.shape[0], *out.shape), None]
+    s = vals.sum(1)
+    return [s / total if reduction == 1 else s, None]
+
+
+# ------------------------------------------------------------------------- bilinear products
 @_register(aten.mul.Tensor)
-def _mul(func, a, b):
-    pa, pb = _primal(a), _primal(b)
-    out = func(pa, pb)
-    n = out.dim()
-    order = _order(a, b)
-    a1, b1 = _lift(_d1(a), n), _lift(_d1(b), n)
-    la, lb = _lift_plain(pa, n), _lift_plain(pb, n)
-    d1 = _add(None if a1 is None else a1 * lb, None if b1 is None else la * b1)
-    d2 = None
-    if order > 1:
-        a2, b2 = _lift(_d2(a), n), _lift(_d2(b), n)
-        cross = None if a1 is None or b1 is None else 2 * a1 * b1
-        d2 = _add(None if a2 is None else a2 * lb, cross, None if b2 is None else la * b2)
-    return _make(out, d1, d2, order)
+def _mul(ctx, a, b):
+    n = ctx.out.dim()
+    ta, tb = _lift(_t(a), n), _lift(_t(b), n)
+    d1 = _add(None if ta is None else ta * _lift_plain(_p(b), n), None if tb is None else _lift_plain(_p(a), n) * tb)
+    if ctx.second and ta is not None and tb is not None and ctx.adj is not None:
+        ctx.add(2 * _dot(ctx.adj, ta * tb))  # Q = 2 a' b'
+    return d1
 
 
 @_register(aten.div.Tensor)
-def _div(func, a, b):
-    pa, pb = _primal(a), _primal(b)
-    out = func(pa, pb)
-    n = out.dim()
-    order = _order(a, b)
-    lb, lo = _lift_plain(pb, n), _lift_plain(out, n)
-    a1, b1 = _lift(_d1(a), n), _lift(_d1(b), n)
-    # y = a / b:  y' = (a' - y b') / b,  y'' = (a'' - 2 y' b' - y b'') / b
-    d1 = _add(a1, None if b1 is None else -lo * b1)
-    d1 = None if d1 is None else d1 / lb
-    d2 = None
-    if order > 1:
-        a2, b2 = _lift(_d2(a), n), _lift(_d2(b), n)
-        d2 = _add(a2, None if b1 is None or d1 is None else -2 * d1 * b1, None if b2 is None else -lo * b2)
-        d2 = None if d2 is None else d2 / lb
-    return _make(out, d1, d2, order)
+def _div(ctx, a, b):
+    n = ctx.out.dim()
+    pb = _lift_plain(_p(b), n)
+    ta, tb = _lift(_t(a), n), _lift(_t(b), n)
+    # y = a / b: y' = (a' - y b') / b;  Q = y''|_(a''=b''=0) = -2 y' b' / b
+    d1 = _add(ta, None if tb is None else -_lift_plain(ctx.out, n) * tb) / pb
+    if ctx.second and tb is not None and ctx.adj is not None:
+        w = ctx.cache.get("w")
+        if w is None:
+            w = ctx.cache.setdefault("w", -2 * ctx.adj / _p(b))
+        ctx.add(_dot(w, d1 * tb))
+    return d1
 
 
+def _mm_tangent(a, b, ta, tb):
+    """(a b)' = a' b + a b' for a [n, m] @ b [m, p], tangents [k, ...], as two GEMMs."""
+    out = None
+    if ta is not None:
+        k = ta.shape[0]
+        out = (ta.reshape(k * ta.shape[1], ta.shape[2]) @ b).view(k, ta.shape[1], b.shape[1])
+    if tb is not None:
+        k, m, p = tb.shape
+        # [n, m] @ [m, k * p]: a view, no copy, when tb is a transposed weight direction.
+        other = (a @ tb.permute(1, 0, 2).reshape(m, k * p)).view(a.shape[0], k, p).permute(1, 0, 2)
+        out = other if out is None else out.add_(other)
+    return out
+
+
+def _mm_second(ctx, ta, tb, scale=1):
+    """< g, 2 a' b' > = 2 < g b'^T, a' > with g b'^T for all k directions as one GEMM."""
+    if not ctx.second or ta is None or tb is None or ctx.adj is None:
+        return
+    k, m, p = tb.shape
+    g = ctx.adj  # [n, p]
+    gb = (g @ tb.transpose(1, 2).permute(1, 0, 2).reshape(p, k * m)).view(g.shape[0], k, m)  # [n, k, m]
+    ctx.add((2 * scale) * (gb.permute(1, 0, 2) * ta).sum((1, 2)))
+
+
+@_register(aten.mm.default)
+def _mm(ctx, a, b):
+    ta, tb = _t(a), _t(b)
+    _mm_second(ctx, ta, tb)
+    return _mm_tangent(_p(a), _p(b), ta, tb)
+
+
+@_register(aten.addmm.default)
+def _addmm(ctx, bias, a, b, *, beta=1, alpha=1):
+    ta, tb = _t(a), _t(b)
+    _mm_second(ctx, ta, tb, alpha)
+    d1 = _mm_tangent(_p(a), _p(b), ta, tb)
+    if d1 is not None and alpha != 1:
+        d1 = d1.mul_(alpha)
+    tbias = _t(bias)
+    if tbias is not None:
+        tbias = _lift(tbias * beta if beta != 1 else tbias, ctx.out.dim())
+        d1 = tbias.expand(ctx.k, *ctx.out.shape) if d1 is None else d1.add_(tbias)
+    return d1
+
+
+@_register(aten.bmm.default)
+def _bmm(ctx, a, b):
+    ta, tb = _t(a), _t(b)
+    if ctx.second and ta is not None and tb is not None and ctx.adj is not None:
+        # < g, 2 a' b' > = 2 < g b'^T, a' >
+        ctx.add(2 * (torch.matmul(ctx.adj, tb.transpose(-1, -2)) * ta).sum((1, 2, 3)))
+    return _add(None if ta is None else torch.matmul(ta, _p(b)), None if tb is None else torch.matmul(_p(a), tb))
+
+
+# ---------------------------------------------------------------------------- elementwise
 def _unary(derivs: Callable):
-    """Rule of an elementwise function phi: y' = phi'(x) x', y'' = phi'(x) x'' + phi''(x) x'^2.
-    ``derivs(x, y, *args)`` returns (phi'(x), phi''(x)) from the primal input and output."""
+    """Rule of an elementwise phi: u' = phi'(x) x', Q = phi''(x) x'^2.
 
-    def rule(func, x, *args, **kwargs):
-        p = _primal(x)
-        out = func(p, *args, **kwargs)
-        if not isinstance(x, Jet):
-            return out
-        g1, g2 = derivs(p, out, *args, **kwargs)
-        d1 = None if x.d1 is None else g1 * x.d1
-        d2 = None
-        if x.order > 1:
-            d2 = _add(None if x.d2 is None else g1 * x.d2, None if x.d1 is None else g2 * x.d1.square())
-        return _make(out, d1, d2, x.order)
+    ``derivs(x, y, *args)`` returns (phi'(x), phi''(x)) from the primal input and output; the
+    contraction weight g phi''(x) is cached across probe blocks.
+    """
+
+    def rule(ctx, x, *args, **kwargs):
+        cache = ctx.cache
+        if "g1" not in cache:
+            g1, g2 = derivs(x.primal, ctx.out, *args, **kwargs)
+            cache["g1"] = g1
+            cache["w"] = None if ctx.adj is None else ctx.adj * g2
+        d1 = cache["g1"] * x.d1
+        if ctx.second and cache["w"] is not None:
+            ctx.add(_dot(cache["w"], x.d1 * x.d1))
+        return d1
 
     return rule
 
@@ -476,22 +396,14 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2 * math.pi)
 def _gelu_derivs(x, y, approximate="none"):
     if approximate == "tanh":
         c, a = math.sqrt(2 / math.pi), 0.044715
-        u = c * (x + a * x**3)
-        th = torch.tanh(u)
+        th = torch.tanh(c * (x + a * x**3))
         s = 1 - th * th
         du = c * (1 + 3 * a * x * x)
-        ddu = c * 6 * a * x
-        g1 = 0.5 * (1 + th) + 0.5 * x * s * du
-        g2 = s * du + 0.5 * x * s * (ddu - 2 * th * du * du)
-        return g1, g2
-    # phi(x) = x Phi(x): phi' = Phi + x phi_N, phi'' = phi_N (2 - x^2)
+        return 0.5 * (1 + th) + 0.5 * x * s * du, s * du + 0.5 * x * s * (c * 6 * a * x - 2 * th * du * du)
+    # phi(x) = x Phi(x): phi' = Phi + x pdf, phi'' = pdf (2 - x^2)
     pdf = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
     cdf = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2))))
     return cdf + x * pdf, pdf * (2 - x * x)
-
-
-def _pow_derivs(x, y, e):
-    return e * x.pow(e - 1), e * (e - 1) * x.pow(e - 2)
 
 
 _UNARY = {
@@ -507,260 +419,244 @@ _UNARY = {
     aten.silu.default: lambda x, y: ((s := torch.sigmoid(x)) * (1 + x * (1 - s)),
                                      s * (1 - s) * (2 + x * (1 - 2 * s))),
     aten.relu.default: lambda x, y: ((x > 0).to(x.dtype), torch.zeros_like(x)),
+    aten.abs.default: lambda x, y: (torch.sign(x), torch.zeros_like(x)),
     aten.sin.default: lambda x, y: (torch.cos(x), -y),
     aten.cos.default: lambda x, y: (-torch.sin(x), -y),
     aten.gelu.default: _gelu_derivs,
-    aten.pow.Tensor_Scalar: _pow_derivs,
+    aten.pow.Tensor_Scalar: lambda x, y, e: (e * x.pow(e - 1), e * (e - 1) * x.pow(e - 2)),
 }
 for _op, _fn in _UNARY.items():
     _RULES[_op] = _unary(_fn)
 
 
-# ------------------------------------------------------------------------- matrix products
-def _mm_jet_plain(t, b):
-    """[k, n, m] @ [m, p] as one GEMM."""
-    k, n, m = t.shape
-    return (t.reshape(k * n, m) @ b).view(k, n, b.shape[1])
-
-
-def _mm_plain_jet(a, t):
-    """[n, m] @ [k, m, p] as one GEMM: [n, m] @ [m, k * p] (a view when t is a transposed weight)."""
-    k, m, p = t.shape
-    return (a @ t.permute(1, 0, 2).reshape(m, k * p)).view(a.shape[0], k, p).permute(1, 0, 2)
-
-
-def _product(a, b, plain_jet: Callable, jet_plain: Callable, jet_jet: Callable):
-    """(a b)' = a' b + a b'; (a b)'' = a'' b + 2 a' b' + a b'' for a bilinear product."""
-    pa, pb = _primal(a), _primal(b)
-    order = _order(a, b)
-    a1, b1 = _d1(a), _d1(b)
-    d1 = _add(None if a1 is None else jet_plain(a1, pb), None if b1 is None else plain_jet(pa, b1))
-    d2 = None
-    if order > 1:
-        a2, b2 = _d2(a), _d2(b)
-        cross = None if a1 is None or b1 is None else 2 * jet_jet(a1, b1)
-        d2 = _add(None if a2 is None else jet_plain(a2, pb), cross, None if b2 is None else plain_jet(pa, b2))
-    return d1, d2, order
-
-
-@_register(aten.mm.default)
-def _mm(func, a, b):
-    out = func(_primal(a), _primal(b))
-    d1, d2, order = _product(a, b, _mm_plain_jet, _mm_jet_plain, torch.bmm)
-    return _make(out, d1, d2, order)
-
-
-@_register(aten.addmm.default)
-def _addmm(func, bias, a, b, *, beta=1, alpha=1):
-    out = func(_primal(bias), _primal(a), _primal(b), beta=beta, alpha=alpha)
-    d1, d2, order = _product(a, b, _mm_plain_jet, _mm_jet_plain, torch.bmm)
-    n = out.dim()
-
-    def combine(prod, tb):
-        if prod is not None and alpha != 1:
-            prod = prod * alpha
-        tb = _lift(tb, n)
-        if tb is not None and beta != 1:
-            tb = tb * beta
-        return _add(prod, tb)
-
-    return _make(out, combine(d1, _d1(bias)), combine(d2, _d2(bias)) if order > 1 else None, order)
-
-
-@_register(aten.bmm.default)
-def _bmm(func, a, b):
-    out = func(_primal(a), _primal(b))
-    d1, d2, order = _product(a, b, torch.matmul, torch.matmul, torch.matmul)
-    return _make(out, d1, d2, order)
-
-
 # ---------------------------------------------------------------------- normalizations etc.
 @_register(aten.native_layer_norm.default)
-def _layer_norm(func, x, normalized_shape, weight, bias, eps):
-    px, pw, pb = _primal(x), _primal(weight), _primal(bias)
-    out, mean, rstd = func(px, normalized_shape, pw, pb, eps)
-    order = _order(x, weight, bias)
+def _layer_norm(ctx, x, normalized_shape, weight, bias, eps):
+    out, mean, rstd = ctx.out
+    px, pw = _p(x), _p(weight)
     n = px.dim()
     red = list(range(n - len(normalized_shape) + 1, n + 1))  # normalized dims of a [k, ...] tangent
-    c = px - mean  # centred input
-    xhat = c * rstd
-    r3 = rstd ** 3
-    h1 = h2 = m1 = r1 = r2 = None
-    if isinstance(x, Jet):
+    cache = ctx.cache
+    if "c" not in cache:
+        cache["c"] = c = px - mean
+        cache["xhat"] = c * rstd
+        g_out, _, g_rstd = ctx.adj if ctx.adj is not None else (None, None, None)
+        G = None if g_out is None else (g_out * pw if pw is not None else g_out)
+        cache["G"] = G
+        cache["Gc"] = None if G is None else (G * c).sum([r - 1 for r in red], keepdim=True)
+        cache["g_rstd"] = g_rstd
+        cache["g_out"] = g_out
+    c, xhat = cache["c"], cache["xhat"]
+    d_out = d_mean = d_rstd = h1 = None
+    if isinstance(x, Dual):
         # c = x - mean(x); v = mean(c^2); r = (v + eps)^(-1/2); xhat = c r
         x1 = x.d1
-        m1 = x1.mean(red, keepdim=True)
-        c1 = x1 - m1
+        d_mean = x1.mean(red, keepdim=True)
+        c1 = x1 - d_mean
         v1 = 2 * (c * c1).mean(red, keepdim=True)
-        r1 = -0.5 * r3 * v1
-        h1 = c1 * rstd + c * r1
-        if order > 1:
-            x2 = x.d2
-            c2 = None if x2 is None else x2 - x2.mean(red, keepdim=True)
-            v2 = 2 * (c1.square() + (0 if c2 is None else c * c2)).mean(red, keepdim=True)
-            r2 = 0.75 * r3 * rstd * rstd * v1.square() - 0.5 * r3 * v2
-            h2 = _add(None if c2 is None else c2 * rstd, 2 * c1 * r1, c * r2)
-    w = pw if pw is not None else 1.0
-    w1, w2 = _d1(weight), _d2(weight)
-    d1 = _add(None if h1 is None else h1 * w, None if w1 is None else _lift(w1, n) * xhat, _lift(_d1(bias), n))
-    d2 = None
-    if order > 1:
-        d2 = _add(None if h2 is None else h2 * w,
-                  None if h1 is None or w1 is None else 2 * h1 * _lift(w1, n),
-                  None if w2 is None else _lift(w2, n) * xhat, _lift(_d2(bias), n))
-    mean_j = _make(mean, m1, None if not isinstance(x, Jet) or x.d2 is None else x.d2.mean(red, keepdim=True),
-                   order)
-    rstd_j = _make(rstd, r1, r2, order)
-    return _make(out, d1, d2, order), mean_j, rstd_j
+        r3 = rstd ** 3
+        d_rstd = -0.5 * r3 * v1
+        h1 = c1 * rstd + c * d_rstd
+        d_out = h1 * pw if pw is not None else h1
+        if ctx.second and (cache["G"] is not None or cache["g_rstd"] is not None):
+            # Q(r) = 3/4 r^5 v'^2 - 1/2 r^3 v''_Q with v''_Q = 2 mean(c'^2); Q(xhat) = 2 c' r' + c Q(r)
+            q_r = 0.75 * r3 * rstd * rstd * v1 * v1 - r3 * (c1 * c1).mean(red, keepdim=True)
+            total = None
+            if cache["G"] is not None:
+                s1 = (cache["G"] * c1).sum(red, keepdim=True)
+                total = (2 * d_rstd * s1 + q_r * cache["Gc"]).reshape(ctx.k, -1).sum(1)
+            if cache["g_rstd"] is not None:
+                total = _add(total, (cache["g_rstd"] * q_r).reshape(ctx.k, -1).sum(1))
+            ctx.add(total)
+    w1 = _t(weight)
+    if w1 is not None:
+        w1 = _lift(w1, n)
+        d_out = _add(d_out, w1 * xhat)
+        if ctx.second and h1 is not None and cache["g_out"] is not None:
+            ctx.add(2 * _dot(cache["g_out"], h1 * w1))  # Q = 2 xhat' gamma'
+    d_out = _add(d_out, _lift(_t(bias), n))
+    return [d_out, d_mean, d_rstd]
 
 
 @_register(aten._softmax.default, aten._safe_softmax.default)
-def _softmax(func, x, dim, *args):
-    p = _primal(x)
-    s = func(p, dim, *args)  # _safe_softmax: rows of -inf give s = 0, so s' = s'' = 0 there too
-    if not isinstance(x, Jet):
-        return s
-    d = _dim(dim, p.dim())
-    # s' = s a, a = x' - <s, x'>;  s'' = s (a^2 - <s, a^2> + x'' - <s, x''>)
+def _softmax(ctx, x, dim, *args):
+    s = ctx.out  # _safe_softmax: rows of -inf give s = 0, so s' = 0 there too
+    d = _dim(dim, s.dim())
+    # s' = s a with a = x' - <s, x'>;  Q = s (a^2 - <s, a^2>)  ->  <g, Q> = sum a^2 s (g - <g, s>)
     a = x.d1 - (s * x.d1).sum(d, keepdim=True)
-    d1 = s * a
-    d2 = None
-    if x.order > 1:
-        a2 = a.square()
-        b = a2 - (s * a2).sum(d, keepdim=True)
-        if x.d2 is not None:
-            b = b + x.d2 - (s * x.d2).sum(d, keepdim=True)
-        d2 = s * b
-    return _make(s, d1, d2, x.order)
+    if ctx.second and ctx.adj is not None:
+        w = ctx.cache.get("w")
+        if w is None:
+            g = ctx.adj
+            w = ctx.cache.setdefault("w", s * (g - (g * s).sum(d - 1, keepdim=True)))
+        ctx.add(_dot(w, a * a))
+    return s * a
 
 
 @_register(aten._log_softmax.default)
-def _log_softmax(func, x, dim, half_to_float):
-    p = _primal(x)
-    out = func(p, dim, half_to_float)
-    if not isinstance(x, Jet):
-        return out
-    d = _dim(dim, p.dim())
-    s = torch.exp(out)
-    # l' = x' - <s, x'>;  l'' = x'' - <s, x''> - Var_s(x')
-    mean1 = (s * x.d1).sum(d, keepdim=True)
-    d1 = x.d1 - mean1
-    d2 = None
-    if x.order > 1:
-        d2 = -(s * d1.square()).sum(d, keepdim=True)
-        if x.d2 is not None:
-            d2 = d2 + x.d2 - (s * x.d2).sum(d, keepdim=True)
-        d2 = d2.expand_as(d1)
-    return _make(out, d1, d2, x.order)
-
-
-@_register(aten.nll_loss_forward.default)
-def _nll_loss(func, x, target, weight, reduction, ignore_index):
-    _check_constant_args(func, (target, weight), {})
-    p = _primal(x)
-    out, total = func(p, target, weight, reduction, ignore_index)
-    if not isinstance(x, Jet):
-        return out, total
-    # -sum_i w_i x[i, t_i] (/ sum_i w_i for reduction="mean"): linear in x.
-    if p.dim() == 1:
-        x2d, tgt = p[None], target.reshape(1)
-    else:
-        x2d, tgt = p, target
-    valid = tgt != ignore_index
-    safe = torch.where(valid, tgt, 0)
-    w = valid.to(p.dtype)
-    if weight is not None:
-        w = w * weight[safe]
-
-    def apply(t):
-        t = t.reshape(t.shape[0], *x2d.shape)
-        picked = t.gather(2, safe[None, :, None].expand(t.shape[0], -1, 1))[..., 0]
-        vals = -picked * w
-        if reduction == 0:  # none
-            return vals.reshape(t.shape[0], *out.shape)
-        s = vals.sum(1)
-        return s / total if reduction == 1 else s
-
-    d1 = None if x.d1 is None else apply(x.d1)
-    d2 = None if x.d2 is None else apply(x.d2)
-    return _make(out, d1, d2, x.order), total
-
-
-@_register(aten.amax.default)
-def _amax(func, x, dims=(), keepdim=False):
-    p = _primal(x)
-    out = func(p, dims, keepdim)
-    if not isinstance(x, Jet):
-        return out
-    n = p.dim()
-    red = _dims(dims, n)
-    full = func(p, dims, True)
-    mask = (p == full).to(p.dtype)
-    mask = mask / mask.sum([r - 1 for r in red], keepdim=True)  # ties share evenly, as autograd does
-
-    def apply(t):
-        return (t * mask).sum(red, keepdim=keepdim)
-
-    return _make(out, None if x.d1 is None else apply(x.d1), None if x.d2 is None else apply(x.d2), x.order)
+def _log_softmax(ctx, x, dim, half_to_float):
+    cache = ctx.cache
+    if "s" not in cache:
+        cache["s"] = torch.exp(ctx.out)
+    s = cache["s"]
+    d = _dim(dim, s.dim())
+    # l' = x' - <s, x'>;  Q = -Var_s(x') = -<s, l'^2> on every entry of the row
+    d1 = x.d1 - (s * x.d1).sum(d, keepdim=True)
+    if ctx.second and ctx.adj is not None:
+        w = cache.get("w")
+        if w is None:
+            w = cache.setdefault("w", -ctx.adj.sum(d - 1, keepdim=True) * s)
+        ctx.add(_dot(w, d1 * d1))
+    return d1
 
 
 # ------------------------------------------------------------------------ constant outputs
-def _constant(func, *args, **kwargs):
-    """Ops whose result does not depend on the values (comparisons, shape queries, *_like)."""
-    return func(*[_primal(a) for a in args], **{k: _primal(v) for k, v in kwargs.items()})
-
-
 for _op in (aten.eq.Scalar, aten.eq.Tensor, aten.ne.Scalar, aten.ne.Tensor, aten.lt.Scalar, aten.lt.Tensor,
             aten.le.Scalar, aten.le.Tensor, aten.gt.Scalar, aten.gt.Tensor, aten.ge.Scalar, aten.ge.Tensor,
             aten.isnan.default, aten.isinf.default, aten.argmax.default, aten.argmin.default,
             aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
             aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default,
-            aten.sign.default, aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default,
-            aten.is_same_size.default):
-    _RULES[_op] = _constant
+            aten.sign.default, aten.is_same_size.default, aten._local_scalar_dense.default):
+    _RULES[_op] = _none_rule
 
 
-@_register(aten._local_scalar_dense.default)
-def _item(func, x):
-    return func(_primal(x))
+# -------------------------------------------------------------------------------- the tape
+@dataclass
+class _Entry:
+    func: object
+    rule: Callable
+    leaves: list  # constants, with None where a recorded slot goes
+    slots: list  # slot of each leaf (None for constants)
+    spec: object
+    out_slots: list
+    out_spec: object
+    cache: dict = field(default_factory=dict)
+    adj: object = None
 
 
-# ------------------------------------------------------------------------------- entry point
-def taylor_forward(fn: Callable, params: list[torch.Tensor], directions: list[torch.Tensor], *, order: int = 2):
-    """``fn(params + eps directions)`` as a Taylor polynomial in eps: fn's output with Jets in it.
+class _Recorder(TorchDispatchMode):
+    """Records every ATen op that reads a parameter-dependent tensor, in execution order."""
 
-    ``directions[i]`` is [k, *params[i].shape] (k directions at once); ``fn`` takes the list of
-    parameter tensors. Outputs that do not depend on the parameters come back as plain tensors.
-    Raises :class:`UnsupportedOp` if fn reaches an ATen op without a rule.
+    def __init__(self, params: list[torch.Tensor]):
+        super().__init__()
+        self.values: list[torch.Tensor] = list(params)
+        self.slot_of = {id(p): i for i, p in enumerate(params)}
+        self.entries: list[_Entry] = []
+        self.constants: set[int] = set()
+
+    def _slot(self, x):
+        if isinstance(x, torch.Tensor):
+            s = self.slot_of.get(id(x))
+            if s is not None and self.values[s] is x:
+                return s
+        return None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves, spec = tree_flatten((args, kwargs))
+        slots = [self._slot(x) for x in leaves]
+        mutable = func._schema.is_mutable
+        if mutable and any(s is not None or id(x) in self.constants for s, x in zip(slots, leaves, strict=True)
+                           if isinstance(x, torch.Tensor)):
+            raise UnsupportedOp(f"in-place {func} on a tensor the loss depends on; use an out-of-place op")
+        out = func(*args, **kwargs)
+        if all(s is None for s in slots):
+            return out
+        rule = _RULES.get(func)
+        if rule is None:
+            raise UnsupportedOp(f"no forward rule for {func}")
+        out_leaves, out_spec = tree_flatten(out)
+        out_slots = []
+        for o in out_leaves:
+            if isinstance(o, torch.Tensor) and o.is_floating_point():
+                self.slot_of[id(o)] = len(self.values)
+                out_slots.append(len(self.values))
+                self.values.append(o)
+            else:
+                out_slots.append(None)
+        for s, x in zip(slots, leaves, strict=True):
+            if s is None and isinstance(x, torch.Tensor):
+                self.constants.add(id(x))
+        self.entries.append(_Entry(func, rule, [None if s is not None else x for s, x in zip(slots, leaves, strict=True)],
+                                   slots, spec, out_slots, out_spec))
+        return out
+
+
+class TaylorTape:
+    """``fn(params)`` recorded once; :meth:`push` gives directional derivatives for k directions.
+
+    ``second_order=True`` (scalar ``fn``): one backward pass at recording gives the adjoints, and
+    :meth:`push` returns (f' [k], f'' [k]) with f'' = z^T H z. ``second_order=False``: push
+    returns (u' [k, *u.shape], None) for the output u of fn (Jacobian-vector products).
     """
-    if order not in (1, 2):
-        raise ValueError(f"order must be 1 or 2, got {order}")
-    jets = [Jet(p.detach(), d, None, order) for p, d in zip(params, directions, strict=True)]
-    with torch.no_grad():
-        return fn(jets)
 
+    def __init__(self, fn: Callable, params: list[torch.Tensor], *, second_order: bool = True):
+        leaves = [p.detach().requires_grad_(second_order) for p in params]
+        rec = _Recorder(leaves)
+        with torch.enable_grad() if second_order else torch.no_grad(), rec:
+            out = fn(leaves)
+        self.n_params = len(params)
+        self.entries = rec.entries
+        self.values = rec.values
+        self.out = out
+        slot = rec._slot(out)
+        self.out_slot = slot
+        self.second_order = second_order
+        if second_order:
+            if out.numel() != 1:
+                raise ValueError(f"fn must return a scalar for second-order forms, got shape {tuple(out.shape)}")
+            self._adjoints(out)
+        self.values = [v.detach() for v in self.values]
+        self.out = out.detach()
+        # A slot's tangent is freed after its last reader.
+        self.last_use = {}
+        for i, e in enumerate(self.entries):
+            for s in e.slots:
+                if s is not None:
+                    self.last_use[s] = i
 
-def jet_parts(out, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x, x', x'') of a ``taylor_forward`` output, zeros for derivatives that vanish."""
-    primal = _primal(out)
+    def _adjoints(self, out: torch.Tensor) -> None:
+        targets = [s for e in self.entries for s in e.out_slots if s is not None and self.values[s].requires_grad]
+        grads = torch.autograd.grad(out, [self.values[s] for s in targets], allow_unused=True) if targets else ()
+        adj = dict(zip(targets, grads, strict=True))
+        for e in self.entries:
+            parts = [adj.get(s) if s is not None else None for s in e.out_slots]
+            e.adj = None if all(p is None for p in parts) else tree_unflatten(parts, e.out_spec)
 
-    def full(t):
-        if t is None:
-            return primal.new_zeros((k, *primal.shape))
-        return t.expand(k, *primal.shape)
+    def push(self, directions: list[torch.Tensor]):
+        """Directions [k, *p.shape] per parameter -> (first derivative of the output, z^T H z or None)."""
+        if len(directions) != self.n_params:
+            raise ValueError(f"expected {self.n_params} direction tensors, got {len(directions)}")
+        k = directions[0].shape[0]
+        tang: dict[int, torch.Tensor] = dict(enumerate(directions))
+        second = torch.zeros(k, dtype=self.out.dtype, device=self.out.device) if self.second_order else None
+        values = self.values
+        for i, e in enumerate(self.entries):
+            if not any(s is not None and s in tang for s in e.slots):
+                self._free(e, i, tang)
+                continue
+            leaves = [
+                (Dual(values[s], tang[s]) if s in tang else values[s]) if s is not None else c
+                for s, c in zip(e.slots, e.leaves, strict=True)
+            ]
+            args, kwargs = tree_unflatten(leaves, e.spec)
+            outs = [values[s] if s is not None else None for s in e.out_slots]
+            out = tree_unflatten(outs, e.out_spec)
+            ctx = _Ctx(out, e.adj, e.cache, self.second_order, k, e.func)
+            result = e.rule(ctx, *args, **kwargs)
+            if ctx.contrib is not None:
+                second += ctx.contrib.to(second.dtype)
+            results = result if isinstance(result, (list, tuple)) else [result]
+            for s, r in zip(e.out_slots, results, strict=False):
+                if s is not None and r is not None:
+                    tang[s] = r
+            self._free(e, i, tang)
+        d1 = tang.get(self.out_slot) if self.out_slot is not None else None
+        if d1 is None:
+            d1 = self.out.new_zeros((k, *self.out.shape))
+        return d1, second
 
-    return primal, full(_d1(out)), full(_d2(out))
-
-
-def directional_derivatives(fn: Callable, params: list[torch.Tensor], directions: list[torch.Tensor],
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(f, f', f'') of ``f(eps) = fn(params + eps directions)`` at eps = 0 for scalar fn.
-
-    For k directions z_c: f' = z_c . grad f and f'' = z_c^T H z_c, each [k].
-    """
-    out = taylor_forward(fn, params, directions)
-    if _primal(out).numel() != 1:
-        raise ValueError(f"fn must return a scalar, got shape {tuple(_primal(out).shape)}")
-    k = directions[0].shape[0]
-    f, d1, d2 = jet_parts(out, k)
-    return f.reshape(()), d1.reshape(k), d2.reshape(k)
+    def _free(self, e: _Entry, i: int, tang: dict) -> None:
+        for s in e.slots:
+            if s is not None and s != self.out_slot and self.last_use.get(s) == i:
+                tang.pop(s, None)
