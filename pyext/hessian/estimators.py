@@ -188,6 +188,9 @@ def hutchpp_trace(op, num_matvecs: int, *, seed: int = 0, probe_block: int | Non
     (k matvecs), and m - 2k Hutchinson probes projected off Q. Variance O(1/m^2) instead of
     O(1/m) for matrices with decaying spectra. The standard error is that of the residual
     Hutchinson part given Q (the estimator is unbiased given Q, so it is also the total).
+    Only the sketch H S needs products H v; tr(Q^T H Q) = sum_i q_i^T H q_i and the residual
+    probes are quadratic forms, taken from ``op.quadratic_forms`` when the operator has it
+    (:class:`ModelHessian`: Taylor mode, about half the cost of a product).
     """
     op = as_operator(op)
     num_matvecs = _check_count("num_matvecs", num_matvecs, 3)
@@ -207,15 +210,24 @@ def hutchpp_trace(op, num_matvecs: int, *, seed: int = 0, probe_block: int | Non
             out[:, s:s + block] = op.matmat(V[:, s:s + block].to(op.dtype).contiguous())
         return out
 
+    forms = getattr(op, "quadratic_forms", None)
+
+    def quadratic(V: torch.Tensor) -> torch.Tensor:
+        """v_c^T H v_c for the columns of V (float64)."""
+        if forms is None:
+            return (V * apply(V)).sum(0, dtype=torch.float64)
+        return torch.cat([forms(V[:, s:s + block].to(op.dtype).contiguous()).to(torch.float64)
+                          for s in range(0, V.shape[1], block)])
+
     Q, _ = torch.linalg.qr(apply(_probes(op, k, seed, 0).to(work)))
     # Drop directions that H S does not reach (rank-deficient sketch): they carry no trace.
     keep = torch.linalg.vector_norm(Q, dim=0) > 0.5
     Q = Q[:, keep]
-    top = float((Q * apply(Q)).sum(dtype=torch.float64))
+    top = float(quadratic(Q).sum()) if Q.shape[1] else 0.0
     G = _probes(op, g, seed, k).to(work)
     G -= Q @ (Q.T @ G)
     # G is orthogonal to Q, so g^T (I - QQ^T) H (I - QQ^T) g = g^T H g: no projection of H G.
-    samples = (G * apply(G)).sum(0, dtype=torch.float64)
+    samples = quadratic(G)
     mean, stderr = _mean_stderr(samples)
     if Q.shape[1] >= n:
         mean, stderr = 0.0, 0.0
