@@ -474,3 +474,26 @@ def test_automatic_path_choice(gpt_case):
     with pytest.raises(ValueError, match="quadratic"):
         ModelHessian(model, tokens, quadratic="bogus")
     assert GaussNewton(model, tokens).quadratic_path == "taylor"
+
+
+@pytest.mark.slow  # importing transformers alone takes ~15 s here
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gptneox"])
+def test_taylor_covers_hugging_face_models(tmp_path, family):
+    """Every op of the tiny HF causal LMs has a rule; Taylor forms equal z . H z (float64)."""
+    pytest.importorskip("transformers")
+    from _tiny_models import tiny_hf
+
+    model = tiny_hf(family, str(tmp_path), vocab=40).double().eval()
+    tokens = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(1))
+    op = ModelHessian(model, tokens)
+    got = op.quadratic_forms(V)
+    assert op.quadratic_path == "taylor", op.taylor_unsupported
+    ref = ModelHessian(model, tokens, quadratic="hvp").quadratic_forms(V)
+    # Llama's RMSNorm computes in float32 even in a float64 model, in both paths.
+    tol = 1e-5 if family == "llama" else 1e-10
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    ggn = GaussNewton(model, tokens)
+    torch.testing.assert_close(ggn.quadratic_forms(V), (ggn.matmat(V) * V).sum(0), rtol=tol, atol=0.0)
+    assert ggn.quadratic_path == "taylor"

@@ -196,16 +196,20 @@ def _unbind(ctx, x, dim=0):
     return list(x.d1.unbind(_dim(dim, x.primal.dim())))
 
 
+def _tangents_of(ctx, tensors) -> list[torch.Tensor]:
+    """[k, ...] tangents of a tensor list (zeros for constants; cat's legacy empty 1-D tensors dropped)."""
+    return [t.d1 if isinstance(t, Dual) else t.new_zeros((ctx.k, *t.shape)) for t in tensors
+            if isinstance(t, Dual) or not (t.dim() == 1 and t.numel() == 0)]
+
+
 @_register(aten.cat.default)
 def _cat(ctx, tensors, dim=0):
-    d = _dim(dim, ctx.out.dim())
-    return torch.cat([t.d1 if isinstance(t, Dual) else t.new_zeros((ctx.k, *t.shape)) for t in tensors], d)
+    return torch.cat(_tangents_of(ctx, tensors), _dim(dim, ctx.out.dim()))
 
 
 @_register(aten.stack.default)
 def _stack(ctx, tensors, dim=0):
-    d = _dim(dim, ctx.out.dim())
-    return torch.stack([t.d1 if isinstance(t, Dual) else t.new_zeros((ctx.k, *t.shape)) for t in tensors], d)
+    return torch.stack(_tangents_of(ctx, tensors), _dim(dim, ctx.out.dim()))
 
 
 @_register(aten.embedding.default)
@@ -643,13 +647,21 @@ class TaylorTape:
             outs = [values[s] if s is not None else None for s in e.out_slots]
             out = tree_unflatten(outs, e.out_spec)
             ctx = _Ctx(out, e.adj, e.cache, self.second_order, k, e.func)
-            result = e.rule(ctx, *args, **kwargs)
+            try:
+                result = e.rule(ctx, *args, **kwargs)
+            except UnsupportedOp:
+                raise
+            except Exception as err:  # an argument combination the rule does not cover
+                raise UnsupportedOp(f"the forward rule of {e.func} failed: {type(err).__name__}: {err}") from err
             if ctx.contrib is not None:
                 second += ctx.contrib.to(second.dtype)
             results = result if isinstance(result, (list, tuple)) else [result]
             for s, r in zip(e.out_slots, results, strict=False):
                 if s is not None and r is not None:
-                    tang[s] = r
+                    shape = values[s].shape
+                    # Rules may return a tangent that only broadcasts to the output (a' of a + b
+                    # for a constant, larger b): expand it (a view) so that reductions count it.
+                    tang[s] = r if r.shape[1:] == shape else r.expand(k, *shape)
             self._free(e, i, tang)
         d1 = tang.get(self.out_slot) if self.out_slot is not None else None
         if d1 is None:
