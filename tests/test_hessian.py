@@ -353,7 +353,9 @@ def _zoo(ps):
     lin = F.linear(cat, torch.outer(b, b[:3].sum() * torch.ones(4, dtype=torch.float64)), b)  # dependent weight and bias
     tgt = torch.tensor([1, -100, 3, 0])
     nll = F.cross_entropy(lin, tgt, ignore_index=-100) + F.nll_loss(F.log_softmax(lin, -1), tgt.clamp_min(0), reduction="sum")
-    return nll + picked.sum() + (cat[1:3, ::2] ** 3).sum() / cat.abs().add(1).sum().detach() + st.select(0, 1).sum() ** 2
+    broadcast = (c + X[:, :3]).sum() ** 2  # a [3] tangent broadcast to [4, 3] before a reduction
+    return nll + picked.sum() + (cat[1:3, ::2] ** 3).sum() / cat.abs().add(1).sum().detach() + st.select(0, 1).sum() ** 2 \
+        + broadcast
 
 
 def test_taylor_tape_op_zoo_matches_exact_hessian():
