@@ -138,6 +138,17 @@ def _probes(op, k: int, seed: int, offset: int) -> torch.Tensor:
     return rademacher_probes(op.shape[0], k, seed=seed, offset=offset, dtype=dtype, device=op.device)
 
 
+def _probe_rows(op, k: int, seed: int, offset: int) -> torch.Tensor:
+    """The probes of :func:`_probes` probe-major, [k, n] (column c generated as its own row):
+    operators that take probe rows then read them without a transposing copy."""
+    dtype = op.dtype if op.dtype in (torch.float32, torch.float64) else torch.float32
+    n = op.shape[0]
+    rows = torch.empty((k, n), dtype=dtype, device=op.device)
+    for c in range(k):
+        rows[c] = rademacher_probes(n, 1, seed=seed, offset=offset + c, dtype=dtype, device=op.device).view(n)
+    return rows
+
+
 def _mean_stderr(samples: torch.Tensor) -> tuple[float, float]:
     samples = samples.to(torch.float64)
     mean = float(samples.mean())
@@ -158,7 +169,7 @@ def hutchinson_samples(op, num_matvecs: int, *, seed: int = 0, offset: int = 0,
         if in_kernel is not None:  # e.g. ProxyHessian: probes generated inside the kernel, never stored
             out.append(in_kernel(k, seed=seed, offset=offset + start).to(torch.float64))
             continue
-        Z = _probes(op, k, seed, offset + start).to(op.dtype)
+        Z = _probe_rows(op, k, seed, offset + start).to(op.dtype).T
         if forms is not None:  # e.g. ModelHessian: z^T H z by Taylor mode, no H z
             out.append(forms(Z).to(torch.float64))
             continue

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
 
@@ -525,15 +525,37 @@ for _op in (aten.eq.Scalar, aten.eq.Tensor, aten.ne.Scalar, aten.ne.Tensor, aten
 
 
 # -------------------------------------------------------------------------------- the tape
+# An argument template: ("c", constant) | ("s", slot) | ("l", list or tuple type, [templates]).
+def _template(x, slot):
+    if isinstance(x, (list, tuple)):
+        parts = [_template(v, slot) for v in x]
+        if any(p[0] != "c" for p in parts):
+            return ("l", type(x), parts)
+        return ("c", x)
+    s = slot(x)
+    return ("c", x) if s is None else ("s", s)
+
+
+def _build(t, values, tang):
+    kind = t[0]
+    if kind == "c":
+        return t[1]
+    if kind == "s":
+        s = t[1]
+        d = tang.get(s)
+        return values[s] if d is None else Dual(values[s], d)
+    return t[1](_build(u, values, tang) for u in t[2])
+
+
 @dataclass
 class _Entry:
     func: object
     rule: Callable
-    leaves: list  # constants, with None where a recorded slot goes
-    slots: list  # slot of each leaf (None for constants)
-    spec: object
-    out_slots: list
-    out_spec: object
+    args: list  # argument templates
+    kwargs: dict
+    in_slots: list  # slots read
+    out_slots: list  # slot of each tensor leaf of the output (None: not floating point)
+    out: object  # the primal output (a tensor, or a tuple/list of them)
     cache: dict = field(default_factory=dict)
     adj: object = None
 
@@ -548,6 +570,12 @@ class _Recorder(TorchDispatchMode):
         self.entries: list[_Entry] = []
         self.constants: set[int] = set()
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps __torch_dispatch__ in torch._disable_dynamo by default, which imports
+        # torch._dynamo (6 s here) on the first op; nothing is compiled inside a recording.
+        return False
+
     def _slot(self, x):
         if isinstance(x, torch.Tensor):
             s = self.slot_of.get(id(x))
@@ -557,11 +585,10 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        leaves, spec = tree_flatten((args, kwargs))
+        leaves, _ = tree_flatten((args, kwargs))
         slots = [self._slot(x) for x in leaves]
-        mutable = func._schema.is_mutable
-        if mutable and any(s is not None or id(x) in self.constants for s, x in zip(slots, leaves, strict=True)
-                           if isinstance(x, torch.Tensor)):
+        if func._schema.is_mutable and any(s is not None or id(x) in self.constants
+                                           for s, x in zip(slots, leaves, strict=True) if isinstance(x, torch.Tensor)):
             raise UnsupportedOp(f"in-place {func} on a tensor the loss depends on; use an out-of-place op")
         out = func(*args, **kwargs)
         if all(s is None for s in slots):
@@ -569,7 +596,7 @@ class _Recorder(TorchDispatchMode):
         rule = _RULES.get(func)
         if rule is None:
             raise UnsupportedOp(f"no forward rule for {func}")
-        out_leaves, out_spec = tree_flatten(out)
+        out_leaves, _ = tree_flatten(out)
         out_slots = []
         for o in out_leaves:
             if isinstance(o, torch.Tensor) and o.is_floating_point():
@@ -578,12 +605,21 @@ class _Recorder(TorchDispatchMode):
                 self.values.append(o)
             else:
                 out_slots.append(None)
-        for s, x in zip(slots, leaves, strict=True):
-            if s is None and isinstance(x, torch.Tensor):
+        for sl, x in zip(slots, leaves, strict=True):
+            if sl is None and isinstance(x, torch.Tensor):
                 self.constants.add(id(x))
-        self.entries.append(_Entry(func, rule, [None if s is not None else x for s, x in zip(slots, leaves, strict=True)],
-                                   slots, spec, out_slots, out_spec))
+        self.entries.append(_Entry(
+            func, rule, [_template(x, self._slot) for x in args], {k: _template(v, self._slot) for k, v in kwargs.items()},
+            [sl for sl in slots if sl is not None], out_slots, out))
         return out
+
+
+def _detached(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_detached(v) for v in x)
+    return x
 
 
 class TaylorTape:
@@ -602,30 +638,37 @@ class TaylorTape:
         self.n_params = len(params)
         self.entries = rec.entries
         self.values = rec.values
-        self.out = out
-        slot = rec._slot(out)
-        self.out_slot = slot
+        self.out_slot = rec._slot(out)
         self.second_order = second_order
         if second_order:
             if out.numel() != 1:
                 raise ValueError(f"fn must return a scalar for second-order forms, got shape {tuple(out.shape)}")
             self._adjoints(out)
+        # Drop the autograd graph: from here on only values, adjoints and rule caches are kept.
         self.values = [v.detach() for v in self.values]
+        for e in self.entries:
+            e.out = _detached(e.out)
         self.out = out.detach()
         # A slot's tangent is freed after its last reader.
-        self.last_use = {}
+        self.last_use: dict[int, int] = {}
         for i, e in enumerate(self.entries):
-            for s in e.slots:
-                if s is not None:
-                    self.last_use[s] = i
+            for sl in e.in_slots:
+                self.last_use[sl] = i
+        self.free_after = [[sl for sl in set(e.in_slots) if self.last_use[sl] == i and sl != self.out_slot]
+                           for i, e in enumerate(self.entries)]
 
     def _adjoints(self, out: torch.Tensor) -> None:
-        targets = [s for e in self.entries for s in e.out_slots if s is not None and self.values[s].requires_grad]
-        grads = torch.autograd.grad(out, [self.values[s] for s in targets], allow_unused=True) if targets else ()
+        targets = [sl for e in self.entries for sl in e.out_slots if sl is not None and self.values[sl].requires_grad]
+        grads = torch.autograd.grad(out, [self.values[sl] for sl in targets], allow_unused=True) if targets else ()
         adj = dict(zip(targets, grads, strict=True))
         for e in self.entries:
-            parts = [adj.get(s) if s is not None else None for s in e.out_slots]
-            e.adj = None if all(p is None for p in parts) else tree_unflatten(parts, e.out_spec)
+            parts = [adj.get(sl) if sl is not None else None for sl in e.out_slots]
+            if all(g is None for g in parts):
+                e.adj = None
+            elif isinstance(e.out, torch.Tensor):
+                e.adj = parts[0]
+            else:
+                e.adj = type(e.out)(parts)
 
     def push(self, directions: list[torch.Tensor]):
         """Directions [k, *p.shape] per parameter -> (first derivative of the output, z^T H z or None)."""
@@ -635,40 +678,32 @@ class TaylorTape:
         tang: dict[int, torch.Tensor] = dict(enumerate(directions))
         second = torch.zeros(k, dtype=self.out.dtype, device=self.out.device) if self.second_order else None
         values = self.values
-        for i, e in enumerate(self.entries):
-            if not any(s is not None and s in tang for s in e.slots):
-                self._free(e, i, tang)
-                continue
-            leaves = [
-                (Dual(values[s], tang[s]) if s in tang else values[s]) if s is not None else c
-                for s, c in zip(e.slots, e.leaves, strict=True)
-            ]
-            args, kwargs = tree_unflatten(leaves, e.spec)
-            outs = [values[s] if s is not None else None for s in e.out_slots]
-            out = tree_unflatten(outs, e.out_spec)
-            ctx = _Ctx(out, e.adj, e.cache, self.second_order, k, e.func)
-            try:
-                result = e.rule(ctx, *args, **kwargs)
-            except UnsupportedOp:
-                raise
-            except Exception as err:  # an argument combination the rule does not cover
-                raise UnsupportedOp(f"the forward rule of {e.func} failed: {type(err).__name__}: {err}") from err
-            if ctx.contrib is not None:
-                second += ctx.contrib.to(second.dtype)
-            results = result if isinstance(result, (list, tuple)) else [result]
-            for s, r in zip(e.out_slots, results, strict=False):
-                if s is not None and r is not None:
-                    shape = values[s].shape
-                    # Rules may return a tangent that only broadcasts to the output (a' of a + b
-                    # for a constant, larger b): expand it (a view) so that reductions count it.
-                    tang[s] = r if r.shape[1:] == shape else r.expand(k, *shape)
-            self._free(e, i, tang)
+        for e, free in zip(self.entries, self.free_after, strict=True):
+            if any(sl in tang for sl in e.in_slots):
+                self._apply(e, values, tang, k, second)
+            for sl in free:
+                tang.pop(sl, None)
         d1 = tang.get(self.out_slot) if self.out_slot is not None else None
         if d1 is None:
             d1 = self.out.new_zeros((k, *self.out.shape))
         return d1, second
 
-    def _free(self, e: _Entry, i: int, tang: dict) -> None:
-        for s in e.slots:
-            if s is not None and s != self.out_slot and self.last_use.get(s) == i:
-                tang.pop(s, None)
+    def _apply(self, e: _Entry, values, tang, k: int, second) -> None:
+        args = [_build(t, values, tang) for t in e.args]
+        kwargs = {key: _build(t, values, tang) for key, t in e.kwargs.items()}
+        ctx = _Ctx(e.out, e.adj, e.cache, self.second_order, k, e.func)
+        try:
+            result = e.rule(ctx, *args, **kwargs)
+        except UnsupportedOp:
+            raise
+        except Exception as err:  # an argument combination the rule does not cover
+            raise UnsupportedOp(f"the forward rule of {e.func} failed: {type(err).__name__}: {err}") from err
+        if ctx.contrib is not None:
+            second += ctx.contrib.to(second.dtype)
+        results = result if isinstance(result, (list, tuple)) else [result]
+        for sl, r in zip(e.out_slots, results, strict=False):
+            if sl is not None and r is not None:
+                shape = values[sl].shape
+                # Rules may return a tangent that only broadcasts to the output (a' of a + b for a
+                # constant, larger b): expand it (a view) so that later reductions count it.
+                tang[sl] = r if r.shape[1:] == shape else r.expand(k, *shape)
