@@ -467,9 +467,16 @@ def test_batched_probes_match_one_probe_at_a_time(gpt_case):
     assert g_batched._batched_ok
 
 
-def test_automatic_path_choice(gpt_case):
+def test_automatic_path_choice(gpt_case, monkeypatch):
+    from tokenbounds.hessian import operators
+
     model, tokens, _, _ = gpt_case
     op = ModelHessian(model, tokens)
+    assert op.probe_block == operators.MAX_PROBE_BLOCK  # a small model: one pass for 16 probes
+    monkeypatch.setattr(operators, "PROBE_BLOCK_BYTES", 4 * op.shape[0] * 8 * 3)  # room for 3 float64 probes
+    assert ModelHessian(model, tokens).probe_block == 3
+    monkeypatch.setattr(operators, "PROBE_BLOCK_BYTES", 1)
+    assert GaussNewton(model, tokens).probe_block == 1
     assert op.method == "autograd"  # the faster HVP path in benchmarks/bench_hessian.py
     assert op.quadratic == "auto" and op.quadratic_path == "taylor"
     assert ModelHessian(model, tokens, method="func").method == "func"

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-probes", type=int, default=8, help="SLQ probes (default 8)")
     parser.add_argument("--lanczos-steps", type=int, default=30, help="Lanczos steps per probe (default 30)")
     parser.add_argument("--deflation-steps", type=int, default=0, help="SLQ deflation Lanczos steps (default 0)")
-    parser.add_argument("--probe-block", type=int, default=8, help="probes per pass (default 8)")
+    parser.add_argument("--probe-block", type=int, default=None,
+                        help="probes per pass (default: up to 16, as many as fit a 1 GiB budget)")
     parser.add_argument("--bits", type=int, nargs="*", default=[2, 3, 4], help="QuIP table bit widths")
     parser.add_argument("--no-quip", action="store_true", help="skip the per-layer QuIP table")
     parser.add_argument("--seed", type=int, default=0)
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     for name in ("batch_size", "num_batches", "num_matvecs", "num_probes", "lanczos_steps", "probe_block"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     if args.num_matvecs < 3:

@@ -29,6 +29,10 @@ from .taylor import TaylorTape, UnsupportedOp
 Batch = tuple[torch.Tensor, torch.Tensor]
 METHODS = ("auto", "autograd", "func")
 QUADRATIC_PATHS = ("auto", "taylor", "hvp")
+# Default probe block: as many probes as keep ~4 [k, n] blocks (probes, products, directions,
+# gradients) within this budget, at most MAX_PROBE_BLOCK (one pass for the usual 12-16 probes).
+PROBE_BLOCK_BYTES = 1 << 30
+MAX_PROBE_BLOCK = 16
 
 
 def _sdpa_math():
@@ -109,7 +113,7 @@ def _select_params(model: nn.Module, params) -> tuple[list[str], list[torch.Tens
 class _ModelOperator:
     """Common plumbing: parameter selection, probe-major [k, n] blocks, per-parameter views."""
 
-    def __init__(self, model, batches, *, params, probe_block: int, quadratic: str = "auto"):
+    def __init__(self, model, batches, *, params, probe_block: int | None, quadratic: str = "auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(batches, torch.Tensor) or (
@@ -118,8 +122,9 @@ class _ModelOperator:
             batches = [batches]
         if not isinstance(batches, Sequence) or len(batches) == 0:
             raise ValueError("batches must be a batch or a non-empty list of batches")
-        if isinstance(probe_block, bool) or not isinstance(probe_block, int) or probe_block < 1:
-            raise ValueError(f"probe_block must be a positive int, got {probe_block!r}")
+        if probe_block is not None and (isinstance(probe_block, bool) or not isinstance(probe_block, int)
+                                        or probe_block < 1):
+            raise ValueError(f"probe_block must be a positive int or None, got {probe_block!r}")
         if quadratic not in QUADRATIC_PATHS:
             raise ValueError(f"quadratic must be one of {QUADRATIC_PATHS}, got {quadratic!r}")
         self.model = model
@@ -130,6 +135,8 @@ class _ModelOperator:
         self.shape = (n, n)
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
+        if probe_block is None:
+            probe_block = max(1, min(MAX_PROBE_BLOCK, PROBE_BLOCK_BYTES // (4 * n * self.params[0].element_size())))
         self.probe_block = probe_block
         self.quadratic = quadratic
         self.taylor_unsupported: str | None = None  # why quadratic="auto" fell back to matvecs
@@ -260,14 +267,15 @@ class ModelHessian(_ModelOperator):
             "auto" (default): "autograd", the faster of the two on every model measured
             (benchmarks/bench_hessian.py), falling back to "func" if a backward lacks a batching
             rule and to one probe at a time if both do.
-        probe_block: probes per pass.
+        probe_block: probes per pass; default: up to 16, as many as keep four [k, n] blocks
+            within 1 GiB (1 for a 135M-parameter float32 model).
         quadratic: how :meth:`quadratic_forms` (Hutchinson's z^T H z) is computed: "taylor"
             (second-order forward mode, no H z), "hvp" (z . H z) or "auto" (default: taylor
             unless the forward reaches an op without a Taylor rule; see ``taylor_unsupported``).
     """
 
     def __init__(self, model: nn.Module, batches, *, loss_fn: Callable | None = None, params=None,
-                 method: str = "auto", probe_block: int = 8, cache_graph: bool = True,
+                 method: str = "auto", probe_block: int | None = None, cache_graph: bool = True,
                  quadratic: str = "auto"):
         super().__init__(model, batches, params=params, probe_block=probe_block, quadratic=quadratic)
         if method not in METHODS:
@@ -382,7 +390,8 @@ class GaussNewton(_ModelOperator):
     "auto"/"taylor", else z . G z.
     """
 
-    def __init__(self, model: nn.Module, batches, *, params=None, probe_block: int = 8, quadratic: str = "auto"):
+    def __init__(self, model: nn.Module, batches, *, params=None, probe_block: int | None = None,
+                 quadratic: str = "auto"):
         super().__init__(model, batches, params=params, probe_block=probe_block, quadratic=quadratic)
         self._cache: dict[int, tuple] = {}
         self._batched_ok = True
