@@ -506,3 +506,19 @@ def test_taylor_covers_hugging_face_models(tmp_path, family):
     ggn = GaussNewton(model, tokens)
     torch.testing.assert_close(ggn.quadratic_forms(V), (ggn.matmat(V) * V).sum(0), rtol=tol, atol=0.0)
     assert ggn.quadratic_path == "taylor"
+
+
+def test_taylor_tape_validates_directions():
+    from tokenbounds.hessian import TaylorTape
+
+    ps = _zoo_params()
+    tape = TaylorTape(_zoo, ps)
+    good = [torch.zeros(2, *p.shape, dtype=torch.float64) for p in ps]
+    with pytest.raises(ValueError, match="direction tensors"):
+        tape.push(good[:-1])
+    with pytest.raises(ValueError, match=r"directions\[1\] must be"):
+        tape.push([good[0], torch.zeros(2, 3, 5, dtype=torch.float64), *good[2:]])
+    with pytest.raises(ValueError, match="scalar"):
+        TaylorTape(lambda q: q[0] * 2, ps)
+    d1, d2 = tape.push(good)
+    assert d1.shape == (2,) and torch.equal(d2, torch.zeros(2, dtype=torch.float64))

@@ -674,9 +674,14 @@ class TaylorTape:
         """Directions [k, *p.shape] per parameter -> (first derivative of the output, z^T H z or None)."""
         if len(directions) != self.n_params:
             raise ValueError(f"expected {self.n_params} direction tensors, got {len(directions)}")
-        k = directions[0].shape[0]
+        k = directions[0].shape[0] if directions and directions[0].dim() else 0
+        for i, d in enumerate(directions):
+            if d.dim() == 0 or d.shape[0] != k or d.shape[1:] != self.values[i].shape:
+                raise ValueError(f"directions[{i}] must be [k={k}, *{tuple(self.values[i].shape)}] "
+                                 f"(k directions of parameter {i}), got {tuple(d.shape)}")
         tang: dict[int, torch.Tensor] = dict(enumerate(directions))
-        second = torch.zeros(k, dtype=self.out.dtype, device=self.out.device) if self.second_order else None
+        # Contributions come in the model's dtype; their sum over ops is kept in float64.
+        second = torch.zeros(k, dtype=torch.float64, device=self.out.device) if self.second_order else None
         values = self.values
         for e, free in zip(self.entries, self.free_after, strict=True):
             if any(sl in tang for sl in e.in_slots):
