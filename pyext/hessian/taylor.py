@@ -363,13 +363,25 @@ def _addmm(ctx, bias, a, b, *, beta=1, alpha=1):
     return d1
 
 
+def _bmm_jet_plain(t, b):
+    """[k, B, n, m] @ [B, m, p]: k folded into the rows, B GEMMs of [k n, m] @ [m, p]."""
+    k, B, n, m = t.shape
+    return torch.bmm(t.transpose(0, 1).reshape(B, k * n, m), b).view(B, k, n, -1).transpose(0, 1)
+
+
+def _bmm_plain_jet(a, t):
+    """[B, n, m] @ [k, B, m, p]: k folded into the columns, B GEMMs of [n, m] @ [m, k p]."""
+    k, B, m, p = t.shape
+    return torch.bmm(a, t.permute(1, 2, 0, 3).reshape(B, m, k * p)).view(B, -1, k, p).permute(2, 0, 1, 3)
+
+
 @_register(aten.bmm.default)
 def _bmm(ctx, a, b):
     ta, tb = _t(a), _t(b)
     if ctx.second and ta is not None and tb is not None and ctx.adj is not None:
         # < g, 2 a' b' > = 2 < g b'^T, a' >
-        ctx.add(2 * (torch.matmul(ctx.adj, tb.transpose(-1, -2)) * ta).sum((1, 2, 3)))
-    return _add(None if ta is None else torch.matmul(ta, _p(b)), None if tb is None else torch.matmul(_p(a), tb))
+        ctx.add(2 * (_bmm_plain_jet(ctx.adj, tb.transpose(-1, -2)) * ta).sum((1, 2, 3)))
+    return _add(None if ta is None else _bmm_jet_plain(ta, _p(b)), None if tb is None else _bmm_plain_jet(_p(a), tb))
 
 
 # ---------------------------------------------------------------------------- elementwise
