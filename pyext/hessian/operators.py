@@ -264,9 +264,9 @@ class ModelHessian(_ModelOperator):
         method: how H V is formed. "autograd": double backward through the gradient graph, built
             once per batch and cached when ``cache_graph``, ``probe_block`` probes per backward
             (``is_grads_batched``). "func": torch.func jvp of grad, vmapped over the probe block.
-            "auto" (default): "autograd", the faster of the two on every model measured
-            (benchmarks/bench_hessian.py), falling back to "func" if a backward lacks a batching
-            rule and to one probe at a time if both do.
+            "auto" (default): "autograd", the faster of the two in benchmarks/bench_hessian.py
+            (BENCH_OURS=tokenbounds-hvp,tokenbounds-func); a backward without a batching rule
+            falls back to one probe per backward.
         probe_block: probes per pass; default: up to 16, as many as keep four [k, n] blocks
             within 1 GiB (1 for a 135M-parameter float32 model).
         quadratic: how :meth:`quadratic_forms` (Hutchinson's z^T H z) is computed: "taylor"
