@@ -477,7 +477,14 @@ def test_automatic_path_choice(gpt_case, monkeypatch):
     assert ModelHessian(model, tokens).probe_block == 3
     monkeypatch.setattr(operators, "PROBE_BLOCK_BYTES", 1)
     assert GaussNewton(model, tokens).probe_block == 1
-    assert op.method == "autograd"  # the faster HVP path in benchmarks/bench_hessian.py
+    assert op.method == "auto"  # per block, the faster HVP path in benchmarks/bench_hessian.py
+    assert op.method_for(operators.FUNC_MIN_BLOCK) == "func" and op.method_for(operators.FUNC_MIN_BLOCK - 1) == "autograd"
+    assert ModelHessian(model, tokens, method="autograd").method_for(16) == "autograd"
+    V = torch.randn(op.shape[0], operators.FUNC_MIN_BLOCK, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    big = ModelHessian(model, tokens, probe_block=operators.FUNC_MIN_BLOCK)  # one func block
+    torch.testing.assert_close(big.matmat(V), ModelHessian(model, tokens, method="autograd").matmat(V),
+                               rtol=1e-10, atol=1e-12)
+    assert big._func_ok
     assert op.quadratic == "auto" and op.quadratic_path == "taylor"
     assert ModelHessian(model, tokens, method="func").method == "func"
     with pytest.raises(ValueError, match="quadratic"):

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the Hessian (indefinite) or the Gauss-Newton matrix (PSD)")
     parser.add_argument("--method", choices=("auto", "autograd", "func"), default="auto",
                         help="Hessian-vector products (Hutch++ sketch, Lanczos): double backward "
-                             "(autograd) or torch.func forward-over-reverse; auto = autograd, the faster")
+                             "(autograd) or torch.func forward-over-reverse; auto = the faster for the block size")
     parser.add_argument("--quadratic", choices=("auto", "taylor", "hvp"), default="auto",
                         help="Hutchinson's z^T H z: second-order forward mode without H z (taylor), "
                              "z . H z (hvp), or auto = taylor unless the model uses an op without a rule")

@@ -33,6 +33,8 @@ QUADRATIC_PATHS = ("auto", "taylor", "hvp")
 # gradients) within this budget, at most MAX_PROBE_BLOCK (one pass for the usual 12-16 probes).
 PROBE_BLOCK_BYTES = 1 << 30
 MAX_PROBE_BLOCK = 16
+# method="auto": blocks of at least this many probes use torch.func (see ModelHessian).
+FUNC_MIN_BLOCK = 12
 
 
 def _sdpa_math():
@@ -264,9 +266,12 @@ class ModelHessian(_ModelOperator):
         method: how H V is formed. "autograd": double backward through the gradient graph, built
             once per batch and cached when ``cache_graph``, ``probe_block`` probes per backward
             (``is_grads_batched``). "func": torch.func jvp of grad, vmapped over the probe block.
-            "auto" (default): "autograd", the faster of the two in benchmarks/bench_hessian.py
-            (BENCH_OURS=tokenbounds-hvp,tokenbounds-func); a backward without a batching rule
-            falls back to one probe per backward.
+            "auto" (default): per block, "func" for blocks of at least ``FUNC_MIN_BLOCK`` probes
+            and "autograd" for smaller ones (the faster of the two for each size on the benchmark
+            GPT: is_grads_batched runs on torch's legacy vmap, which loops over the probes for
+            the backward of softmax, GELU, LayerNorm and embeddings, while torch.func re-runs
+            the forward and first backward once per block); "func" errors fall back to
+            "autograd", and a backward without a batching rule to one probe per backward.
         probe_block: probes per pass; default: up to 16, as many as keep four [k, n] blocks
             within 1 GiB (1 for a 135M-parameter float32 model).
         quadratic: how :meth:`quadratic_forms` (Hutchinson's z^T H z) is computed: "taylor"
@@ -281,7 +286,8 @@ class ModelHessian(_ModelOperator):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.loss_fn = loss_fn or token_loss
-        self.method = "autograd" if method == "auto" else method
+        self.method = method
+        self._func_ok = True
         self.cache_graph = cache_graph
         self._grads: dict[int, tuple] = {}
         self._batched_ok = True
@@ -305,10 +311,24 @@ class ModelHessian(_ModelOperator):
         total = sum(self._flat([g.detach() for g in self._grad_graph(b, bt)]) for b, bt in enumerate(self.batches))
         return total / len(self.batches)
 
+    def method_for(self, k: int) -> str:
+        """The HVP path a block of k probes takes ("autograd" or "func")."""
+        if self.method != "auto":
+            return self.method
+        return "func" if k >= FUNC_MIN_BLOCK and self._func_ok else "autograd"
+
     def _apply_block(self, b, batch, block, dst, accumulate):
-        if self.method == "func":
-            self._store(dst, self._per_param(self._apply_func(batch, block)), accumulate)
-            return
+        method = self.method_for(block.shape[0])
+        if method == "func":
+            try:
+                rows = self._apply_func(batch, block)
+            except (RuntimeError, NotImplementedError):
+                if self.method == "func":
+                    raise
+                self._func_ok = False  # e.g. an op without a forward-mode or vmap rule
+            else:
+                self._store(dst, self._per_param(rows), accumulate)
+                return
         grads = self._grad_graph(b, batch)
         # A gradient that does not depend on the parameters (no graph) has zero derivative.
         live = [i for i, g in enumerate(grads) if g.requires_grad]
