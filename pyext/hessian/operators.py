@@ -34,7 +34,7 @@ QUADRATIC_PATHS = ("auto", "taylor", "hvp")
 PROBE_BLOCK_BYTES = 1 << 30
 MAX_PROBE_BLOCK = 16
 # method="auto": blocks of at least this many probes use torch.func (see ModelHessian).
-FUNC_MIN_BLOCK = 12
+FUNC_MIN_BLOCK = 16
 
 
 def _sdpa_math():
