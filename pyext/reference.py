@@ -12,6 +12,14 @@ import torch
 LN2 = math.log(2.0)
 
 
+def smoothing_constants_reference(alphas, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log(1 - a) and log(a / V) (-inf at a = 0) in float64 (CPU), the oracle's own computation."""
+    a = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1).cpu()
+    log_keep = torch.log1p(-a)
+    log_floor = torch.where(a > 0, torch.log(a) - math.log(vocab_size), torch.full_like(a, -math.inf))
+    return log_keep, log_floor
+
+
 def smoothed_nll_reference(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -36,15 +44,41 @@ def smoothed_nll_reference(
     bad_row = torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | torch.isneginf(lse)
     logp = torch.where(bad_row, torch.full_like(logp, math.nan), logp)
     rank = (x > target_logit[:, None]).sum(-1)
-    a = alphas.to(torch.float64)
-    log_keep = torch.log1p(-a)
-    log_floor = torch.where(a > 0, torch.log(a) - math.log(vocab_size), torch.full_like(a, -math.inf))
+    log_keep, log_floor = (c.to(x.device) for c in smoothing_constants_reference(alphas, vocab_size))
     nll = -torch.logaddexp(log_keep[None, :] + logp[:, None], log_floor[None, :].expand(len(logp), -1)) / LN2
     zero = torch.zeros((), dtype=torch.float64)
     nll = torch.where(valid[:, None], nll, zero)
     logp = torch.where(valid, logp, zero)
     rank = torch.where(valid, rank, torch.zeros_like(rank))
     return nll.to(torch.float32), logp.to(torch.float32), rank.to(torch.int32)
+
+
+def linear_smoothed_nll_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    alphas: torch.Tensor,
+    vocab_size: int,
+    ignore_index: int,
+    max_bytes: int = 64 * 2**20,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Oracle for tokenbounds::linear_smoothed_nll: :func:`smoothed_nll_reference` of the float64
+    logits hidden @ weight[:V].T (+ bias[:V]), in row chunks of at most ``max_bytes`` of logits."""
+    n = hidden.shape[0]
+    w = weight[:vocab_size].to(torch.float64)
+    b = bias[:vocab_size].to(torch.float64) if bias is not None else None
+    rows = max(1, max_bytes // (8 * vocab_size))
+    outs = []
+    for start in range(0, n, rows):
+        logits = hidden[start:start + rows].to(torch.float64) @ w.T
+        if b is not None:
+            logits = logits + b
+        outs.append(smoothed_nll_reference(logits, targets[start:start + rows], alphas, vocab_size, ignore_index))
+    if not outs:
+        return smoothed_nll_reference(hidden.new_zeros((0, vocab_size), dtype=torch.float64), targets,
+                                      alphas, vocab_size, ignore_index)
+    return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
 
 
 # ==================================================================== hadamard / quant (issue 4)
