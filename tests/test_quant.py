@@ -109,7 +109,8 @@ def test_ldlq_beats_rtn_on_correlated_inputs(codebook, bits, incoherence):
     q_rtn = quantize_weight(w, h, method="rtn", **kw)
     q_ldlq = quantize_weight(w, h, method="ldlq", **kw)
     assert q_ldlq.proxy_loss < q_rtn.proxy_loss
-    assert q_ldlq.proxy_loss == pytest.approx(proxy_loss(w, q_ldlq.dequantize(), h), rel=1e-9)
+    # quantize_weight evaluates the proxy with a float32 copy of H (float32 Gram products)
+    assert q_ldlq.proxy_loss == pytest.approx(proxy_loss(w, q_ldlq.dequantize(), h), rel=1e-5)
     assert q_ldlq.dequantize().shape == w.shape and q_ldlq.dequantize().dtype == w.dtype
 
 
