@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "hessian": "Estimate Hessian trace / spectrum of a model's token loss; writes JSON + a PNG.",
     "evaluate": "Evaluate a local model on sampled training tokens: stats, every bound, report, plots.",
     "plan": "Estimate time, memory and GPUs for an evaluation from a roofline model.",
+    "quantize": "Quantize a local model (QuIP-style) into a .tbq file whose size in bits is the complexity C.",
 }
 
 
