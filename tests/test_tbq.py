@@ -302,3 +302,20 @@ def test_range_coder_alphabet_by_counting_equals_sorting(values, offset):
     v2, i2, c2 = np.unique(x, return_inverse=True, return_counts=True)
     assert not dense and np.array_equal(vals, v2) and np.array_equal(counts, c2) and np.array_equal(idx, i2)
     assert np.array_equal(decode_symbols(encode_symbols(x)), x)
+
+
+def test_readme_quantize_example_runs(tmp_path, monkeypatch):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Quantizing a model"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    cfg = dict(vocab_size=VOCAB, context_length=512, n_layer=1, n_head=2, d_model=16)
+    model, fresh = _gpt(**cfg), _gpt(seed=1, **cfg)
+    tokens = np.random.default_rng(0).integers(0, VOCAB, 12000).astype(np.uint16)
+    scope = {"model": model, "fresh_model": fresh, "tokens": tokens}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["c"]["coded_bits"] == 8 * os.path.getsize(tmp_path / "q.tbq")
+    _assert_same_state(fresh.state_dict(), model.state_dict())
