@@ -164,6 +164,14 @@ def test_layer_groups_follow_shared_inputs(gpt_tbq):
     assert info["pos_emb.weight"]["hessian"] == "identity"
     e = {e["n"]: e for e in tbq.entries}
     assert e["tok_emb.weight"]["incoherence"] is False and e["blocks.0.mlp.0.weight"]["incoherence"] is True
+    # embeddings get the next setting by default (2 -> 3 bits), linear layers the asked one
+    assert e["tok_emb.weight"]["bits"] == e["pos_emb.weight"]["bits"] == 3 and e["blocks.0.mlp.0.weight"]["bits"] == 2
+    same = quantize_model_to_tbq(_gpt(), _calib(), bits=2, codebook="e8", embedding_bits=2, progress=False)
+    assert {x["bits"] for x in same.entries if x["k"] == "q"} == {2} and same.coded_bits < tbq.coded_bits
+    from tokenbounds.quant.layerwise import default_embedding_bits
+
+    assert [default_embedding_bits(b, "uniform") for b in (2, 3, 4, 8)] == [3, 4, 8, 8]
+    assert [default_embedding_bits(b, "e8") for b in (2, 3, 4)] == [3, 4, 4]
     assert info["blocks.0.mlp.0.weight"]["hessian"] == "E[x x^T]"
     assert all(0 < v["proxy_loss"] < 1 for v in info.values())
     seeds = {e["n"]: e["seed"] for e in tbq.entries if e["k"] == "q"}
@@ -268,6 +276,8 @@ def test_bad_arguments_are_refused_with_clear_errors():
         quantize_model_to_tbq(model, calib, bits=5, codebook="uniform", progress=False)
     with pytest.raises(ValueError, match="bits must be one of"):
         quantize_model_to_tbq(model, calib, bits=8, codebook="e8", progress=False)
+    with pytest.raises(ValueError, match="embedding_bits: bits must be one of"):
+        quantize_model_to_tbq(model, calib, bits=2, codebook="e8", embedding_bits=8, progress=False)
     with pytest.raises(ValueError, match="method must be one of"):
         quantize_model_to_tbq(model, calib, bits=2, method="gptq", progress=False)
     with pytest.raises(ValueError, match="no linear layers"):

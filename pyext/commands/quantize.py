@@ -10,8 +10,8 @@ DESCRIPTION = """\
 Quantize every linear layer of a local model (our GPT, a Hugging Face causal LM directory or a
 GGUF folder) with calibration Hessians X^T X from N tokens of your data (LDLQ = GPTQ error
 feedback, randomized Hadamard incoherence, uniform or E8 lattice codebook, range-coded codes),
-the token/position embeddings and a tied LM head with the identity Hessian, norms and biases in
-float16. Writes OUT (the .tbq: architecture, tensor names, shapes, settings, seeds, codes,
+the token/position embeddings (one more bit by default; no incoherence) and a tied LM head with
+the Hessian of both uses, norms and biases in float16. Writes OUT (the .tbq: architecture, tensor names, shapes, settings, seeds, codes,
 scales, checksum) and OUT.json (C and its parts, bits per parameter, per-layer proxy loss).
 C = 8 x size of OUT in bits is the complexity term of the bound (it adds 2 log2 C).
 A killed run resumes from OUT.partial/ (one file per finished tensor) to the same bytes.
@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="tokens of --data for the Hessians, in whole windows of --seq-len (default 8192)")
     p.add_argument("--seed", type=int, default=0, metavar="K",
                    help="seeds the calibration windows and the Hadamard signs (tensor k: K + k) (default 0)")
+    p.add_argument("--embedding-bits", type=int, default=None, choices=(2, 3, 4, 8),
+                   help="bits of the token/position embeddings and a tied LM head (default: the next setting "
+                        "above --bits; at low rates the tied embedding dominates the loss)")
     p.add_argument("--sequential", action="store_true",
                    help="calibrate each layer on the outputs of the already quantized ones (GPTQ order)")
     p.add_argument("--seq-len", type=int, default=None, help="calibration window length (default min(512, context))")
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     opts = QuantizeOptions(
         model=args.model, data=list(args.data), out=args.out, bits=args.bits, codebook=args.codebook,
         method=args.method, incoherence=not args.no_incoherence, calibration_tokens=args.calibration_tokens,
-        seq_len=args.seq_len, seed=args.seed, sequential=args.sequential, damp=args.damp,
+        seq_len=args.seq_len, seed=args.seed, sequential=args.sequential, embedding_bits=args.embedding_bits,
+        damp=args.damp,
         batch_size=args.batch_size, token_dtype=args.token_dtype, text_field=args.text_field, eot_id=args.eot_id,
         gguf_file=args.gguf_file, tokenizer=args.tokenizer, dtype=args.dtype, threads=args.threads,
         restart=args.restart, progress=not args.no_progress,

@@ -75,7 +75,7 @@ from .weight import check_quantizer_args, quantize_weight
 
 RUN_FORMAT = "tokenbounds.quantize-run/1"
 
-__all__ = ["QuantizeRunMismatch", "calibration_windows", "quantize_model_to_tbq"]
+__all__ = ["QuantizeRunMismatch", "calibration_windows", "default_embedding_bits", "quantize_model_to_tbq"]
 
 
 class QuantizeRunMismatch(RuntimeError):
@@ -463,7 +463,8 @@ class _Run:
         t0 = time.perf_counter()
         # Embeddings keep their rows (tokens) apart: no incoherence (see the module docstring).
         incoherence = s["incoherence"] and t.kind != "embedding"
-        qw = quantize_weight(t.weight(), hessian, bits=s["bits"], codebook=s["codebook"], method=s["method"],
+        bits = s["embedding_bits"] if t.kind == "embedding" else s["bits"]
+        qw = quantize_weight(t.weight(), hessian, bits=bits, codebook=s["codebook"], method=s["method"],
                              incoherence=incoherence, seed=t.seed, group_size=s["group_size"], damp=s["damp"])
         rec = weight_record(t.name, qw, transposed=t.transposed)
         kind = "identity" if hessian is None else ("tied: (E[h h^T] + I) / 2" if t.head is not None else "E[x x^T]")
@@ -597,6 +598,22 @@ def _common_dtype(plan: _Plan) -> str:
     return max(sorted(set(names)), key=names.count)
 
 
+def default_embedding_bits(bits: int, codebook: str) -> int:
+    """The next allowed setting above ``bits`` (uniform 2 -> 3 -> 4 -> 8, e8 2 -> 3 -> 4), capped.
+
+    At low rates the embedding, tied to the LM head, dominates the loss: on the benchmark GPT at
+    2 bits (E8, LDLQ + RHT) it alone raised the perplexity from 51.1 to 55.5 and every linear
+    layer together to 51.5; coding it at 3 bits and the linear layers coarser, at the same total
+    C, gave 52.7 instead of 56.2 (benchmarks/bench_quantize_models.py). QuIP# and GPTQ keep
+    embeddings and the head in 16 bits altogether.
+    """
+    from .weight import E8_BITS, UNIFORM_BITS
+
+    allowed = E8_BITS if codebook == "e8" else UNIFORM_BITS
+    above = [b for b in allowed if b > bits]
+    return above[0] if above else max(allowed)
+
+
 def quantize_model_to_tbq(
     model: nn.Module,
     calibration_tokens,
@@ -607,6 +624,7 @@ def quantize_model_to_tbq(
     incoherence: bool = True,
     seed: int = 0,
     sequential: bool = False,
+    embedding_bits: int | None = None,
     damp: float = 0.01,
     group_size: int | None = None,
     unquantized_dtype: torch.dtype = torch.float16,
@@ -629,6 +647,8 @@ def quantize_model_to_tbq(
             {2, 3, 4} for e8), used for every linear layer and embedding.
         seed: tensor k (in state-dict order among the quantized ones) uses Hadamard seed ``seed + k``.
         sequential: calibrate each layer on the outputs of the already quantized ones.
+        embedding_bits: bits of the embeddings (and a head tied to one); default
+            :func:`default_embedding_bits` (the next setting above ``bits``).
         unquantized_dtype: storage of the kept floating-point tensors (norms, biases).
         batch_size: calibration sequences per forward pass (when a tensor is given).
         partial_dir: where finished tensors are saved for resuming a killed run (None: no resume).
@@ -640,6 +660,11 @@ def quantize_model_to_tbq(
         the per-tensor proxy losses and seconds). Its ``state_dict()`` is what ``model`` now holds.
     """
     check_quantizer_args(bits, codebook, method, group_size, seed, damp)
+    embedding_bits = default_embedding_bits(bits, codebook) if embedding_bits is None else embedding_bits
+    try:
+        check_quantizer_args(embedding_bits, codebook, method, group_size, seed, damp)
+    except ValueError as exc:
+        raise ValueError(f"embedding_bits: {exc}") from None
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     log = log or (lambda msg: None)
@@ -651,7 +676,7 @@ def quantize_model_to_tbq(
     if vocab is not None and (top >= int(vocab) or min(int(b.min()) for b in batches) < 0):
         raise ValueError(f"calibration tokens contain id {top}, outside the model's vocabulary of {vocab} "
                          "(data tokenized for another model, or the wrong --token-dtype?)")
-    settings = {"bits": int(bits), "codebook": codebook, "method": method, "incoherence": bool(incoherence),
+    settings = {"bits": int(bits), "embedding_bits": int(embedding_bits), "codebook": codebook, "method": method, "incoherence": bool(incoherence),
                 "seed": int(seed), "group_size": group_size, "damp": float(damp), "sequential": bool(sequential),
                 "embedding_hessian": "identity; tied head: (E[h h^T] / mean diag + I) / 2", "store": str(unquantized_dtype).removeprefix("torch."),
                 "dtype": _common_dtype(plan),

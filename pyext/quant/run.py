@@ -36,6 +36,7 @@ class QuantizeOptions:
     seq_len: int | None = None
     seed: int = 0
     sequential: bool = False
+    embedding_bits: int | None = None
     damp: float = 0.01
     batch_size: int = 8
     token_dtype: str = "uint16"
@@ -122,7 +123,8 @@ def quantize_files(opts: QuantizeOptions, log=print) -> dict[str, Any]:
     t_load = time.perf_counter() - t0
     tbq = quantize_model_to_tbq(
         model, calib, bits=opts.bits, codebook=opts.codebook, method=opts.method, incoherence=opts.incoherence,
-        seed=opts.seed, sequential=opts.sequential, damp=opts.damp, batch_size=opts.batch_size,
+        seed=opts.seed, sequential=opts.sequential, embedding_bits=opts.embedding_bits, damp=opts.damp,
+        batch_size=opts.batch_size,
         partial_dir=partial, progress=opts.progress, log=log, run_extra={"threads": threads},
     )
     tbq.save(opts.out)
