@@ -49,6 +49,9 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench_quant import e8_scale_factor  # noqa: E402  (the benchmark-only E8 scale hook)
+
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -63,23 +66,6 @@ VARIANTS = [
 QUICK_VARIANTS = ("RTN", "LDLQ E8 + RHT")  # SmolLM2 without --all-variants
 LAYER_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",
                "attn.qkv", "attn.proj", "mlp.0", "mlp.2", "tok_emb", "pos_emb")
-
-
-@contextlib.contextmanager
-def e8_scale_factor(factor: float):
-    """Multiply the E8 per-row scales chosen by quantize_weight by ``factor`` (benchmark-only hook)."""
-    from tokenbounds.quant import weight as qw
-
-    orig = qw._e8_scales
-
-    def scaled(w, bits, seed, *a, **k):
-        return (orig(w, bits, seed, *a, **k).to(torch.float64) * factor).to(torch.float16).clamp_min(6e-8)
-
-    qw._e8_scales = scaled
-    try:
-        yield
-    finally:
-        qw._e8_scales = orig
 
 
 # ----------------------------------------------------------------------------- models and data
