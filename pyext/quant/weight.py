@@ -188,7 +188,7 @@ def proxy_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None) -> 
 
     def inner(x32: torch.Tensor) -> float:  # <H, X^T X> from the upper triangle of X^T X
         g = gram_accumulate_(torch.zeros((n, n), dtype=torch.float32), x32.contiguous())
-        off = torch.mul(hh, g).sum(dtype=torch.float64) if hh.dtype == torch.float32 else torch.mul(hh, g).sum()
+        off = torch.mul(hh, g).sum(1).to(torch.float64).sum()  # row sums in H's precision, their sum in float64
         return float(2.0 * off - torch.dot(hdiag, torch.diagonal(g).to(torch.float64)))
 
     den = inner(w.to(torch.float32))
