@@ -171,6 +171,12 @@ def test_buckets_one_per_position_when_short_and_empty_buckets():
     assert t.counts.tolist() == b.counts.tolist() and np.allclose(t.loss_sum_bits, b.loss_sum_bits)
     assert np.allclose(t.loss_sq_sum_bits, b.loss_sq_sum_bits)
     assert bucket_edges(1000).tolist() == bucket_edges(1000, context_length=2000).tolist()  # T >= L: no split
+    # one column per smoothing level
+    two = bucket_position_totals(np.array([2, 0, 1, 0]), np.array([[4.0, 1.0], [0, 0], [5.0, 2.0], [0, 0]]),
+                                 context_length=2)
+    assert two.loss_sum_bits.tolist() == [[4.0, 1.0], [0, 0], [5.0, 2.0], [0, 0]]
+    assert two.mean_bits[0].tolist() == [2.0, 0.5] and np.isnan(two.mean_bits[1]).all()
+    assert np.isnan(two.loss_sq_sum_bits).all() and two.to_dict()["mean_bits"][1] == [None, None]
 
 
 def test_bucket_inputs_are_validated():

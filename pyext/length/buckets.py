@@ -48,8 +48,8 @@ class PositionBuckets:
 
     edges: np.ndarray  # [K + 1] int64
     counts: np.ndarray  # [K] int64: m_b
-    loss_sum_bits: np.ndarray  # [K] float64
-    loss_sq_sum_bits: np.ndarray  # [K] float64: sum of squared losses (variance for Freedman)
+    loss_sum_bits: np.ndarray  # [K] or [K, A] float64
+    loss_sq_sum_bits: np.ndarray  # like loss_sum_bits: sums of squared losses (for Freedman)
     context_length: int | None  # training length T, or None when unknown
 
     @property
@@ -59,8 +59,8 @@ class PositionBuckets:
     @property
     def mean_bits(self) -> np.ndarray:
         """Mean loss per bucket (NaN for an empty bucket)."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.counts > 0, self.loss_sum_bits / np.maximum(self.counts, 1), np.nan)
+        n = self.counts.reshape((-1,) + (1,) * (self.loss_sum_bits.ndim - 1))
+        return np.where(n > 0, self.loss_sum_bits / np.maximum(n, 1), np.nan)
 
     @property
     def beyond_training(self) -> np.ndarray:
@@ -73,7 +73,7 @@ class PositionBuckets:
         return {
             "edges": self.edges.tolist(), "counts": self.counts.tolist(), "m": self.m,
             "loss_sum_bits": self.loss_sum_bits.tolist(), "loss_sq_sum_bits": self.loss_sq_sum_bits.tolist(),
-            "mean_bits": [None if np.isnan(v) else float(v) for v in self.mean_bits],
+            "mean_bits": np.where(np.isnan(self.mean_bits), None, self.mean_bits).tolist(),
             "beyond_training": self.beyond_training.tolist(), "context_length": self.context_length,
         }
 
@@ -86,28 +86,29 @@ def bucket_position_totals(
     context_length: int | None = None,
     num_buckets: int = 32,
 ) -> PositionBuckets:
-    """Group per-position totals (index c - 1 holds position c = 1..L, with L = len(counts)) into
-    :func:`bucket_edges` buckets: the form an evaluation engine that accumulates per position
-    returns. Without squared sums the bucket's ``loss_sq_sum_bits`` is NaN."""
+    """Group per-position totals into :func:`bucket_edges` buckets: row c - 1 holds position
+    c = 1..L (L = len(counts)), the form an evaluation engine that accumulates per position
+    returns. ``loss_sum_bits`` may be [L] or [L, A] (one column per smoothing level); without
+    squared sums the buckets' ``loss_sq_sum_bits`` are NaN."""
     counts = np.asarray(counts)
     sums = np.asarray(loss_sum_bits, dtype=np.float64)
-    if counts.ndim != 1 or sums.shape != counts.shape:
-        raise ValueError(f"counts and loss_sum_bits must be 1-D of equal length (positions 1..L), "
+    if counts.ndim != 1 or sums.ndim not in (1, 2) or sums.shape[0] != counts.shape[0]:
+        raise ValueError(f"counts must be [L] and loss_sum_bits [L] or [L, A] (positions 1..L), "
                          f"got shapes {counts.shape} and {sums.shape}")
     if len(counts) < 1:
         raise ValueError("max_length must be >= 1: got no positions")
     if not np.issubdtype(counts.dtype, np.integer) or (counts < 0).any():
         raise ValueError("counts must be non-negative integers")
     sq = np.full_like(sums, np.nan) if loss_sq_sum_bits is None else np.asarray(loss_sq_sum_bits, dtype=np.float64)
-    if sq.shape != counts.shape:
-        raise ValueError(f"loss_sq_sum_bits has shape {sq.shape}, expected {counts.shape}")
+    if sq.shape != sums.shape:
+        raise ValueError(f"loss_sq_sum_bits has shape {sq.shape}, expected {sums.shape} (that of loss_sum_bits)")
     edges = bucket_edges(len(counts), context_length, num_buckets)
-    starts = edges[:-1] - 1  # index of each bucket's first position
+    starts = edges[:-1] - 1  # row of each bucket's first position
     return PositionBuckets(
         edges=edges,
         counts=np.add.reduceat(counts.astype(np.int64), starts),
-        loss_sum_bits=np.add.reduceat(sums, starts),
-        loss_sq_sum_bits=np.add.reduceat(sq, starts),
+        loss_sum_bits=np.add.reduceat(sums, starts, axis=0),
+        loss_sq_sum_bits=np.add.reduceat(sq, starts, axis=0),
         context_length=None if context_length is None else int(context_length),
     )
 

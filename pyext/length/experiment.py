@@ -245,27 +245,29 @@ def plot(result: dict[str, Any], path: str) -> str:
     cfg = result["config"]
     cells = summarize(result)
     tasks = [t["name"] for t in cfg["tasks"]]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.5), sharey=True, squeeze=False)
     for ax, spec in zip(axes[0], cfg["tasks"], strict=True):
         name = spec["name"]
-        for enc in cfg["encodings"]:
+        for i, enc in enumerate(cfg["encodings"]):
             ks = [k for k in cfg["multiples"] if (name, enc, k) in cells and cells[(name, enc, k)].values]
             if not ks:
                 continue
             v = [np.asarray(cells[(name, enc, k)].values) for k in ks]
             mean = np.array([x.mean() for x in v])
             err = np.array([[m - x.min() for m, x in zip(mean, v, strict=True)], [x.max() - m for m, x in zip(mean, v, strict=True)]])
-            ax.errorbar(ks, mean, yerr=err, marker="o", capsize=3, label=enc)
+            shift = 2.0 ** (0.04 * (i - (len(cfg["encodings"]) - 1) / 2))  # keep overlapping bars apart
+            ax.errorbar(np.asarray(ks) * shift, mean, yerr=err, marker="o", capsize=3, label=enc)
         ax.axhline(result["chance"][name], color="gray", ls="--", lw=1, label="chance")
-        ax.axvline(1, color="black", ls=":", lw=1)
+        ax.axvline(1, color="black", ls=":", lw=1)  # the training size T
         ax.set_xscale("log", base=2)
         ax.set_xticks(cfg["multiples"], [("T" if k == 1 else f"{k}T") for k in cfg["multiples"]])
         ax.set_title(f"{name} (T = {spec['train_size']})")
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("task size")
     axes[0][0].set_ylabel("answer-token accuracy")
-    axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
