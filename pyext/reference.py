@@ -1,6 +1,7 @@
 """Slow float64 pure-torch oracles, one per kernel. Every backend is tested against these.
 
-Other kernel families add their oracles here (hadamard, quantizers, gram / probe products).
+Other kernel families add their oracles here (hadamard, quantizers, gram / probe products), and
+the GPT forward with each position encoding (gpt_forward_reference).
 """
 
 from __future__ import annotations
@@ -213,3 +214,87 @@ def spectral_trace_reference(matrix: torch.Tensor, f: str) -> float:
         "log": lambda v: v.abs().log(),
     }[f]
     return float(fn(lam).sum())
+
+
+def gpt_forward_reference(state_dict: dict, config, idx: torch.Tensor) -> torch.Tensor:
+    """Oracle for tokenbounds.models.gpt.GPT: logits [B, T, V] in float64, written from the
+    formulas with explicit loops over heads and no torch.nn module.
+
+    ``config`` is a GPTConfig or a dict with its fields. Pre-LayerNorm blocks (eps 1e-5), exact
+    erf GELU, attention softmax(q k^T / sqrt(d_h) + bias) over j <= i with the position
+    encoding applied by its definition:
+    * learned: x_p = E[token_p] + P[p];
+    * rope (Su et al. 2021, eq. 13-15): q_p -> R_p q_p, k_p -> R_p k_p with R_p the block
+      rotation that turns dimensions (j, j + d_h/2) by p * 10000^(-2j/d_h);
+    * alibi (Press et al. 2022, section 3): bias -m_h (i - j), m_h = 2^(-8h/n) for n heads a power
+      of two, else the n' = 2^floor(log2 n) slopes and the first n - n' odd-indexed slopes of 2n';
+    * none: no bias, no embedding.
+    """
+    cfg = config if isinstance(config, dict) else {
+        k: getattr(config, k) for k in ("n_layer", "n_head", "d_model", "position_encoding")}
+    enc = cfg.get("position_encoding", "learned")
+    n_head, d = int(cfg["n_head"]), int(cfg["d_model"])
+    dh = d // n_head
+    w = {k: v.detach().to(torch.float64).cpu() for k, v in state_dict.items()}
+    idx = idx.cpu()
+    b, t = idx.shape
+
+    def layer_norm(x, name):
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + 1e-5) * w[name + ".weight"] + w[name + ".bias"]
+
+    def linear(x, name):
+        out = x @ w[name + ".weight"].T
+        return out + w[name + ".bias"] if name + ".bias" in w else out
+
+    x = w["tok_emb.weight"][idx]
+    if enc == "learned":
+        x = x + w["pos_emb.weight"][torch.arange(t)][None]
+
+    rot = None
+    if enc == "rope":  # rot[p] is the d_h x d_h rotation R_p
+        half = dh // 2
+        rot = torch.zeros(t, dh, dh, dtype=torch.float64)
+        for p in range(t):
+            for j in range(half):
+                a = p * 10000.0 ** (-2.0 * j / dh)
+                c, s = math.cos(a), math.sin(a)
+                rot[p, j, j], rot[p, j, j + half] = c, -s
+                rot[p, j + half, j], rot[p, j + half, j + half] = s, c
+    slopes = None
+    if enc == "alibi":
+        def geometric(n):
+            start = 2.0 ** (-8.0 / n)
+            return [start ** h for h in range(1, n + 1)]
+        n_pow = 2 ** int(math.floor(math.log2(n_head)))
+        slopes = geometric(n_pow) + [geometric(2 * n_pow)[i] for i in range(0, 2 * n_pow, 2)][: n_head - n_pow]
+
+    i_pos = torch.arange(t, dtype=torch.float64)[:, None]
+    j_pos = torch.arange(t, dtype=torch.float64)[None, :]
+    future = j_pos > i_pos
+    for layer in range(int(cfg["n_layer"])):
+        pre = f"blocks.{layer}."
+        h = layer_norm(x, pre + "ln1")
+        qkv = linear(h, pre + "attn.qkv")
+        q_all, k_all, v_all = qkv[..., :d], qkv[..., d: 2 * d], qkv[..., 2 * d:]
+        heads = []
+        for hh in range(n_head):
+            sl = slice(hh * dh, (hh + 1) * dh)
+            q, k, v = q_all[..., sl], k_all[..., sl], v_all[..., sl]
+            if rot is not None:
+                q = torch.einsum("pij,bpj->bpi", rot, q)
+                k = torch.einsum("pij,bpj->bpi", rot, k)
+            scores = q @ k.transpose(1, 2) / math.sqrt(dh)
+            if slopes is not None:
+                scores = scores - slopes[hh] * (i_pos - j_pos)
+            scores = scores.masked_fill(future, float("-inf"))
+            e = torch.exp(scores - scores.max(-1, keepdim=True).values)
+            heads.append((e / e.sum(-1, keepdim=True)) @ v)
+        x = x + linear(torch.cat(heads, -1), pre + "attn.proj")
+        h = layer_norm(x, pre + "ln2")
+        u = linear(h, pre + "mlp.0")
+        x = x + linear(0.5 * u * (1.0 + torch.erf(u / math.sqrt(2.0))), pre + "mlp.2")
+    x = layer_norm(x, "ln_f")
+    head = w.get("lm_head.weight", w["tok_emb.weight"])
+    return x @ head.T
