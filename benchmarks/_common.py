@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import os
 import resource
 import subprocess
@@ -77,13 +76,13 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 
 def write_result(name: str, markdown: str, data) -> None:
-    """Write benchmarks/results/<name>.md and .json (the README quotes the .md)."""
+    """Write benchmarks/results/<name>.md and .json (the README quotes the .md), each atomically."""
+    from tokenbounds.eval.fileio import atomic_write_json, atomic_write_text
+
     out_dir = os.path.join(ROOT, "benchmarks", "results")
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-        f.write(markdown + "\n")
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump(data, f, indent=1)
+    atomic_write_text(os.path.join(out_dir, f"{name}.md"), markdown + "\n")
+    atomic_write_json(os.path.join(out_dir, f"{name}.json"), data)
 
 
 def machine_line() -> str:

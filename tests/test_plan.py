@@ -47,3 +47,15 @@ def test_plan_cli(capsys):
     assert d["gpu"] == "cpu" and d["gpus_to_fit"] == 1
     assert main(["plan", "--params", "1e8", "--vocab", "100", "--sample-tokens", "1", "--gpu", "tpu"]) == 2
     assert "unknown --gpu" in capsys.readouterr().err
+
+
+def test_plan_cli_defaults_to_the_evaluate_window_rule(capsys):
+    args = ["plan", "--params", "7e9", "--vocab", "32000", "--sample-tokens", "1e6", "--context", "2048", "--json"]
+    secs = {}
+    for extra in ([], ["--stride", "1024"], ["--stride", "256"], ["--per-token-contexts"]):
+        assert main(args + extra) == 0
+        secs[" ".join(extra)] = json.loads(capsys.readouterr().out)["seconds_on_fit"]
+    assert secs[""] == secs["--stride 1024"]  # the default stride is T / 2, as in evaluate
+    assert secs["--per-token-contexts"] > 10 * secs[""] and secs["--stride 256"] > secs[""]
+    assert main(args + ["--stride", "4096"]) == 2 and "--stride" in capsys.readouterr().err
+    assert main(args + ["--stride", "8", "--per-token-contexts"]) == 2

@@ -74,7 +74,6 @@ def sample_batches(path: str, dtype: str, vocab_size: int, batch_size: int, seq_
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     import os
     import sys
     import time
@@ -90,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         slq_trace,
         spectral_density,
     )
+
+    from ..eval.fileio import atomic_write_json
 
     for name in ("batch_size", "num_batches", "num_matvecs", "num_probes", "lanczos_steps", "probe_block"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -153,8 +154,7 @@ def run(args: argparse.Namespace) -> int:
         results["quip_table"] = rows
         print(format_table(rows))
     path = os.path.join(args.out, "hessian.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1, default=float)
+    atomic_write_json(path, results)
     for key, e in est.items():
         print(f"{key:20s} {e['value']:14.6g} +- {e['stderr']:.3g}  ({e['num_matvecs']} matvecs)")
     print(f"wrote {path} and {png} ({results['seconds']:.1f} s)")

@@ -137,13 +137,14 @@ def _save_checkpoint(path: str, model, optimizer, step: int, result: TrainResult
                      hook=None) -> None:
     import torch
 
-    tmp = path + ".tmp"
+    from .fileio import atomic_path
+
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
             "result": result.to_dict(), "meta": meta}
     if hook is not None and hasattr(hook, "state_dict"):
         ckpt["hook"] = hook.state_dict()
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
 
 
 def train(

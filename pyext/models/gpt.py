@@ -222,12 +222,13 @@ class GPT(nn.Module):
 
     def save(self, directory: str) -> None:
         """Write config.json + model.pt (state dict) to ``directory``."""
+        from ..eval.fileio import atomic_path, atomic_write_json
+
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump({"model_type": "tokenbounds-gpt", **self.config.to_dict()}, f, indent=1)
-        tmp = os.path.join(directory, "model.pt.tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, os.path.join(directory, "model.pt"))
+        atomic_write_json(os.path.join(directory, "config.json"),
+                          {"model_type": "tokenbounds-gpt", **self.config.to_dict()})
+        with atomic_path(os.path.join(directory, "model.pt")) as tmp:
+            torch.save(self.state_dict(), tmp)
 
     @classmethod
     def load(cls, directory: str, map_location="cpu") -> GPT:
