@@ -292,7 +292,7 @@ def test_quantized_evaluates_exactly_the_decoded_state_dict(quantized_llama, tmp
         assert word in coded["description"] and word in report, word
 
 
-def test_bits_runs_the_tbq_quantizer_here(tmp_path):
+def test_bits_runs_the_tbq_quantizer_here(tmp_path, capsys):
     from tokenbounds.quant import load_tbq
 
     tiny_hf("gpt2", str(tmp_path / "m"))  # tied embedding and head
@@ -316,6 +316,12 @@ def test_bits_runs_the_tbq_quantizer_here(tmp_path):
     assert _without_evaluation(_stats(tmp_path / "file")) == _without_evaluation(_stats(out))
     # a rerun in the same directory decodes the kept resume state to the same file (no new quantization)
     assert main(_args(tmp_path / "m", [tmp_path / "d.bin"], out, "--bits", "2", "--no-plots")) == 0
+    assert load_tbq(str(written)).sha256 == tbq.sha256
+    # other settings in that directory: refused, naming what differs (the file is not silently replaced)
+    capsys.readouterr()
+    assert main(_args(tmp_path / "m", [tmp_path / "d.bin"], out, "--bits", "3", "--no-plots")) == 2
+    err = capsys.readouterr().err
+    assert "another quantize run" in err and "settings.bits: 2 then, 3 now" in err and "--restart" in err
     assert load_tbq(str(written)).sha256 == tbq.sha256
     out = tmp_path / "uniform"
     assert main(_args(tmp_path / "m", [tmp_path / "d.bin"], out, "--bits", "3", "--codebook", "uniform",

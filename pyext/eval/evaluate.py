@@ -326,7 +326,7 @@ def _quantize_here(opts: EvalOptions, lm: LoadedModel, files: list[DataFile], wo
                                             method=opts.method, seed=QUANTIZE_SEED, partial_dir=partial,
                                             progress=opts.progress, log=log.info, run_extra={"threads": q_threads})
             except QuantizeRunMismatch as exc:
-                raise CheckpointError(f"{exc}; pass --restart to discard it and quantize again") from None
+                raise CheckpointError(str(exc)) from None  # it names the difference and says --restart
             finally:
                 torch.set_num_threads(threads)
             tbq.save(path)
