@@ -16,6 +16,7 @@ scale) until its coded bits per weight match the "LDLQ uniform + RHT" row of the
 ``--rate-tol`` (2%); the table prints the achieved rate and its ratio to that reference.
 
     python benchmarks/bench_quant.py [--quick] [--threads 2] [--json out.json]
+    python benchmarks/bench_quant.py --big-only [--big 4096]   # section 3 only (~1 min)
 """
 
 from __future__ import annotations
@@ -236,17 +237,21 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--rate-tol", type=float, default=0.02, help="relative rate match for E8 rows (default 0.02)")
     ap.add_argument("--big", type=int, default=4096, help="size of the timed square layer (0: skip)")
+    ap.add_argument("--big-only", action="store_true", help="only the timed --big layer (section 3)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = {}
-    bits = [2] if args.quick else [2, 3, 4]
-    out["synthetic_256x512"] = table("synthetic 256 x 512 layer (peers.md): QuIP# LDLQ + E8P + RHT = 0.0107 at 2 bits",
-                                     [synthetic_layer()], bits, args.rate_tol)
-    out["tiny_gpt"] = table("tiny GPT real layers (mean over qkv, mlp.0, mlp.2)",
-                            tiny_gpt_layers(10.0 if args.quick else args.train_seconds), bits, args.rate_tol)
-    if not args.quick and args.big > 0:
+    if args.big_only:
         big_layer(args.big, out)
+    else:
+        bits = [2] if args.quick else [2, 3, 4]
+        out["synthetic_256x512"] = table("synthetic 256 x 512 layer (peers.md): QuIP# LDLQ + E8P + RHT = 0.0107 at "
+                                         "2 bits", [synthetic_layer()], bits, args.rate_tol)
+        out["tiny_gpt"] = table("tiny GPT real layers (mean over qkv, mlp.0, mlp.2)",
+                                tiny_gpt_layers(10.0 if args.quick else args.train_seconds), bits, args.rate_tol)
+        if not args.quick and args.big > 0:
+            big_layer(args.big, out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

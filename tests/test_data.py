@@ -1,4 +1,4 @@
-"""Data pipeline: documents, tokenizer, token files, sampling, quantization, training."""
+"""Data pipeline: documents, tokenizer, token files, sampling, training."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from tokenbounds.eval import data, quick_quant, train
+from tokenbounds.eval import data, train
 from tokenbounds.models.gpt import GPT, GPTConfig
 
 
@@ -135,34 +135,6 @@ def test_window_scoring_matches_full_logits(tiny_corpus):
             logits = model(torch.from_numpy(toks[st:k].astype(np.int64))[None])[0, -1].double()
             nll.append(-torch.log_softmax(logits, -1)[int(toks[k])].item() / math.log(2))
     assert state.stats.mean_bits[0.0] == pytest.approx(float(np.mean(nll)), rel=1e-5)
-
-
-# ----------------------------------------------------------------------------- quantization
-def test_8bit_round_trip_and_code_length():
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((64, 33)).astype(np.float32)
-    q = quick_quant.quantize_tensor(w, bits=8)
-    assert q.levels.min() >= 0 and q.levels.max() <= 254
-    w_hat = q.dequantize()
-    assert w_hat.shape == w.shape and w_hat.dtype == np.float32
-    assert np.abs(w_hat - w).max() <= q.scale / 2 * (1 + 1e-6)
-    # quantizing the dequantized tensor is exact (the grid is a fixed point)
-    q2 = quick_quant.quantize_tensor(w_hat, bits=8)
-    assert np.array_equal(q2.levels, q.levels) and np.array_equal(q2.dequantize(), w_hat)
-
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50, context_length=8, n_layer=1, n_head=2, d_model=16))
-    qm = quick_quant.quantize_model(model, bits=8)
-    n = sum(p.numel() for p in model.parameters())  # tied embedding counted once
-    assert qm.num_parameters == n
-    size = qm.size
-    assert size["total_bits"] > size["levels_bits"] >= size["levels_entropy_bits"] * 0.99
-    assert size["levels_bits"] < 8 * n  # the coder beats raw 8-bit storage on Gaussian weights
-    clone = GPT(model.config)
-    quick_quant.dequantize_into(clone, qm)
-    for (name, p), t in zip(quick_quant.unique_parameters(clone), qm.tensors, strict=True):
-        assert np.array_equal(p.detach().numpy(), t.dequantize()), name
-    assert clone.lm_head.weight is clone.tok_emb.weight
 
 
 # ----------------------------------------------------------------------------- training

@@ -206,13 +206,13 @@ def test_quantized_bits_and_checkpoint_mismatch_and_corruption(tmp_path, capsys)
     random_tokens(str(tmp_path / "d.bin"), 1500)
     out = tmp_path / "run"
     base = _args(tmp_path / "m", [tmp_path / "d.bin"], out, "--no-plots", "--sample-tokens", "60")
-    assert main([*base, "--bits", "6"]) == 0
+    assert main([*base, "--bits", "2"]) == 0
     ev = _stats(out)["evaluation"]
-    assert ev["coded"]["method"] == "quick_quant 6-bit"
+    assert ev["coded"]["method"] == "tbq 2-bit e8 ldlq"
     assert 0 < ev["coded"]["coded_bits"] < 6.5 * ev["model"]["num_parameters"]
     # same out dir, different config: refused with what differs
     capsys.readouterr()
-    assert main([*base, "--bits", "6", "--seed", "3"]) == 2
+    assert main([*base, "--bits", "2", "--seed", "3"]) == 2
     err = capsys.readouterr().err
     assert "different run" in err and "plan.seed" in err and "--restart" in err
     # corrupt block: refused
@@ -221,22 +221,145 @@ def test_quantized_bits_and_checkpoint_mismatch_and_corruption(tmp_path, capsys)
     doc = json.loads(text)
     doc["payload"]["state"]["loss_stats"]["count"] += 1  # hash not updated
     ck.write_text(json.dumps(doc))
-    assert main([*base, "--bits", "6"]) == 2
+    assert main([*base, "--bits", "2"]) == 2
     assert "corrupt" in capsys.readouterr().err
     ck.write_text(text[: len(text) // 2])
-    assert main([*base, "--bits", "6"]) == 2
+    assert main([*base, "--bits", "2"]) == 2
     assert "corrupt" in capsys.readouterr().err
     # --restart discards it and reproduces the first result exactly
     first = _stats(out)
-    assert main([*base, "--bits", "6", "--restart"]) == 0
+    assert main([*base, "--bits", "2", "--restart"]) == 0
     again = _stats(out)
     assert {k: v for k, v in again.items() if k != "evaluation"} == {k: v for k, v in first.items() if k != "evaluation"}
     # every configuration this directory has seen is recorded; the report says how to pay for them
-    assert main([*base, "--bits", "6", "--seed", "3", "--restart"]) == 0
+    assert main([*base, "--bits", "2", "--seed", "3", "--restart"]) == 0
     ev = _stats(out)["evaluation"]
     assert ev["configuration"]["configurations_recorded"] == 2
     report = (out / "report.md").read_text()
     assert "fixed before seeing the sample" in report and "--extra-bits log2(K)" in report and "1.000 bits" in report
+
+
+def _quantize(model_dir, data, out, *extra) -> None:
+    threads = torch.get_num_threads()
+    try:
+        assert main(["quantize", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--bits", "2",
+                     "--threads", "1", "--no-progress", *extra]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the command sets this process's thread count
+
+
+def _without_evaluation(doc):
+    return {k: v for k, v in doc.items() if k != "evaluation"}
+
+
+@pytest.fixture(scope="module")
+def quantized_llama(tmp_path_factory):
+    """A tiny Llama, 600 tokens of data and its `tokenbounds quantize` file (2-bit e8 ldlq)."""
+    d = tmp_path_factory.mktemp("qllama")
+    tiny_hf("llama", str(d / "m"))
+    random_tokens(str(d / "d.bin"), 600)
+    _quantize(d / "m", d / "d.bin", d / "q.tbq", "--calibration-tokens", "512")
+    return d
+
+
+def test_quantized_evaluates_exactly_the_decoded_state_dict(quantized_llama, tmp_path):
+    from tokenbounds.quant import load_tbq
+    from transformers import LlamaForCausalLM
+
+    d = quantized_llama
+    tbq = load_tbq(str(d / "q.tbq"))
+    assert main(_args(d / "m", [d / "d.bin"], tmp_path / "q", "--quantized", str(d / "q.tbq"), "--no-plots")) == 0
+    # the same weights by hand: decode the state dict, save it as a plain checkpoint, evaluate that
+    model = LlamaForCausalLM.from_pretrained(str(d / "m"))
+    model.load_state_dict(tbq.state_dict())
+    model.save_pretrained(str(tmp_path / "decoded"))
+    assert main(_args(tmp_path / "decoded", [d / "d.bin"], tmp_path / "d", "--no-plots")) == 0
+    quantized, decoded = _stats(tmp_path / "q"), _stats(tmp_path / "d")
+    assert _without_evaluation(quantized) == _without_evaluation(decoded)  # bit-identical statistics
+    # negative control: the original weights give other statistics (--quantized did replace them)
+    assert main(_args(d / "m", [d / "d.bin"], tmp_path / "fp", "--no-plots")) == 0
+    assert _stats(tmp_path / "fp")["mean"] != quantized["mean"]
+    coded = quantized["evaluation"]["coded"]
+    assert coded["method"] == "tbq 2-bit e8 ldlq"
+    assert coded["coded_bits"] == coded["parts"]["model"] == 8 * os.path.getsize(d / "q.tbq") == tbq.coded_bits
+    parts = coded["parts"]["tbq"]
+    assert set(coded["parts"]) == {"model", "tbq"}  # an HF tokenizer is not counted; the header holds the config
+    assert sum(parts[k] for k in ("codes_bits", "scales_bits", "side_bits", "unquantized_bits", "header_bits")) \
+        == coded["coded_bits"]
+    assert parts["sha256"] == tbq.sha256 and parts["quantizer"]["calibration_tokens"] == 512
+    report = (tmp_path / "q" / "report.md").read_text()
+    for word in ("range-coded codes", "scales", "stream models", "float16 tensors", "header", "q.tbq"):
+        assert word in coded["description"] and word in report, word
+
+
+def test_bits_runs_the_tbq_quantizer_here(tmp_path, capsys):
+    from tokenbounds.quant import load_tbq
+
+    tiny_hf("gpt2", str(tmp_path / "m"))  # tied embedding and head
+    random_tokens(str(tmp_path / "d.bin"), 600)
+    out = tmp_path / "bits"
+    assert main(_args(tmp_path / "m", [tmp_path / "d.bin"], out, "--bits", "2", "--no-plots")) == 0
+    ev = _stats(out)["evaluation"]
+    written = out / "quantized.tbq"
+    tbq = load_tbq(str(written))
+    assert ev["coded"]["method"] == "tbq 2-bit e8 ldlq" and ev["model"]["quantized_here_bits"] == 2
+    assert ev["coded"]["coded_bits"] == 8 * os.path.getsize(written) == tbq.coded_bits
+    assert ev["coded"]["parts"]["tbq"]["sha256"] == tbq.sha256 and "quantized here" in ev["coded"]["description"]
+    # one quantizer: `tokenbounds quantize` with its defaults on the same whole windows writes the same bytes
+    q = tbq.quantizer
+    assert q["calibration_tokens"] == 600 // 64 * 64 and q["seed"] == 0 and q["incoherence"]
+    _quantize(tmp_path / "m", tmp_path / "d.bin", tmp_path / "cli.tbq", "--calibration-tokens", "576")
+    assert (tmp_path / "cli.tbq").read_bytes() == written.read_bytes()
+    # and --bits evaluates what --quantized of that file evaluates
+    assert main(_args(tmp_path / "m", [tmp_path / "d.bin"], tmp_path / "file", "--quantized", str(written),
+                      "--no-plots")) == 0
+    assert _without_evaluation(_stats(tmp_path / "file")) == _without_evaluation(_stats(out))
+    # a rerun in the same directory decodes the kept resume state to the same file (no new quantization)
+    assert main(_args(tmp_path / "m", [tmp_path / "d.bin"], out, "--bits", "2", "--no-plots")) == 0
+    assert load_tbq(str(written)).sha256 == tbq.sha256
+    # other settings in that directory: refused, naming what differs (the file is not silently replaced)
+    capsys.readouterr()
+    assert main(_args(tmp_path / "m", [tmp_path / "d.bin"], out, "--bits", "3", "--no-plots")) == 2
+    err = capsys.readouterr().err
+    assert "another quantize run" in err and "settings.bits: 2 then, 3 now" in err and "--restart" in err
+    assert load_tbq(str(written)).sha256 == tbq.sha256
+    out = tmp_path / "uniform"
+    assert main(_args(tmp_path / "m", [tmp_path / "d.bin"], out, "--bits", "3", "--codebook", "uniform",
+                      "--method", "rtn", "--no-plots")) == 0
+    assert _stats(out)["evaluation"]["coded"]["method"] == "tbq 3-bit uniform rtn"
+
+
+def test_bad_quantized_inputs_fail_before_scoring(quantized_llama, tmp_path, capsys):
+    from tokenbounds.eval.evaluate import EvalOptions, check_options
+
+    d = quantized_llama
+    data = (d / "q.tbq").read_bytes()
+    corrupt = bytearray(data)
+    corrupt[len(data) // 2] ^= 0xFF
+    (tmp_path / "corrupt.tbq").write_bytes(bytes(corrupt))
+    (tmp_path / "short.tbq").write_bytes(data[: len(data) - 100])
+    tiny_hf("gpt2", str(tmp_path / "gpt2"))
+    cases = [
+        (d / "m", ["--quantized", str(tmp_path / "corrupt.tbq")], "corrupt"),
+        (d / "m", ["--quantized", str(tmp_path / "short.tbq")], "truncated"),
+        (d / "m", ["--quantized", str(tmp_path / "none.tbq")], "does not exist"),
+        (tmp_path / "gpt2", ["--quantized", str(d / "q.tbq")], "another architecture"),
+        (d / "m", ["--quantized", str(d / "q.tbq"), "--dtype", "bfloat16"], "--dtype float32"),
+        (d / "m", ["--bits", "8"], "bits must be one of (2, 3, 4) for codebook='e8'"),
+        (d / "m", ["--codebook", "uniform"], "give --bits b too"),
+        (d / "m", ["--quantized", str(d / "q.tbq"), "--method", "rtn"], "give --bits b too"),
+    ]
+    capsys.readouterr()
+    for i, (model, extra, message) in enumerate(cases):
+        out = tmp_path / f"o{i}"
+        assert main(_args(model, [d / "d.bin"], out, "--no-plots", *extra)) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err, (extra, err)
+        assert not (out / "checkpoint").exists() and not (out / "stats.json").exists()
+    with pytest.raises(SystemExit):  # argparse: mutually exclusive
+        main(_args(d / "m", [d / "d.bin"], tmp_path / "x", "--bits", "2", "--quantized", str(d / "q.tbq")))
+    with pytest.raises(ValueError, match="at most one of --bits, --quantized"):
+        check_options(EvalOptions(model="m", data=["d"], out="o", bits=2, quantized="q.tbq"))
 
 
 def test_resume_after_sigkill_is_exact_in_windows_mode(tmp_path):

@@ -19,8 +19,17 @@ sampling: the bound's sample size is s, the number of draws).
 
 C (the model's code length) defaults to the bits of the dtype the weights are evaluated in (32 per
 parameter in float32; 16 after --dtype bfloat16/float16), plus the architecture config, plus the
-tokenizer when it was trained on the data (our GPT directories); or --bits, --coded-bits,
---bits-per-param; a GGUF file's size for GGUF checkpoints.
+tokenizer when it was trained on the data (our GPT directories); or --coded-bits, --bits-per-param;
+a GGUF file's size for GGUF checkpoints.
+
+quantized models: --quantized q.tbq (from `tokenbounds quantize`) evaluates exactly the file's
+decoded weights with C = 8 x its size (+ the tokenizer when counted); stats.json lists C's parts
+(codes, scales, stream models, float16 tensors, header). --bits b is a shortcut that runs the same
+quantizer here, with `tokenbounds quantize`'s defaults: --codebook e8 --method ldlq, randomized
+Hadamard incoherence, seed 0, 8192 calibration tokens (fewer when --data holds fewer in whole
+windows) in windows of min(512, context) tokens of --data; it writes OUT/quantized.tbq (resume
+state: OUT/quantized.tbq.partial/) and evaluates that. Choosing b after seeing results is one
+choice among several: pay it with --extra-bits.
 
 The bound holds for a configuration fixed before seeing the sample; every run's configuration is
 recorded in OUT/configurations.jsonl; pay log2(K) with --extra-bits for choosing among K.
@@ -63,10 +72,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory / tokenizer.json if not in --model")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (auto when there is one)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--bits", type=int, default=None,
-                   help="quantize every tensor to a b-bit uniform grid + range coding; evaluate that model")
+    g.add_argument("--bits", type=int, default=None, choices=(2, 3, 4, 8),
+                   help="quantize here as `tokenbounds quantize --bits b` would (e8 lattice: 2-4; uniform: 2, 3, 4, "
+                        "8) on calibration windows of --data, write OUT/quantized.tbq, evaluate its decoded weights "
+                        "with C = its size")
+    g.add_argument("--quantized", default=None, metavar="Q.TBQ",
+                   help="evaluate the decoded weights of this .tbq file (of --model's architecture) with C = 8 x "
+                        "its size in bytes")
     g.add_argument("--coded-bits", type=float, default=None, help="code length C of the model in bits (given)")
     g.add_argument("--bits-per-param", type=float, default=None, help="C = b x number of parameters (assumed)")
+    p.add_argument("--codebook", default="e8", choices=("uniform", "e8"),
+                   help="codebook of --bits (as for tokenbounds quantize; default e8)")
+    p.add_argument("--method", default="ldlq", choices=("ldlq", "rtn"),
+                   help="rounding of --bits: LDLQ error feedback or round-to-nearest (default ldlq)")
     p.add_argument("--tokenizer-bits", type=float, default=None,
                    help="code length of the tokenizer when it was trained on this data (default: counted for our "
                         "GPT directories, assumed fixed in advance for HF tokenizers)")
@@ -101,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         per_token_contexts=args.per_token_contexts, reset_at_eot=args.reset_at_eot, seed=args.seed,
         batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, eot_id=args.eot_id,
         token_dtype=args.token_dtype, text_field=args.text_field, dtype=args.dtype, device=args.device,
-        bits=args.bits, coded_bits=args.coded_bits, bits_per_param=args.bits_per_param,
+        bits=args.bits, codebook=args.codebook, method=args.method, quantized=args.quantized, coded_bits=args.coded_bits, bits_per_param=args.bits_per_param,
         tokenizer_bits=args.tokenizer_bits, extra_bits=args.extra_bits, train_tokens=args.train_tokens,
         delta=args.delta, gguf_file=args.gguf_file, tokenizer=args.tokenizer, restart=args.restart,
         progress=not args.no_progress, threads=args.threads, plots=not args.no_plots,

@@ -4,7 +4,9 @@ resumable and distributed.
 The steps of :func:`evaluate` (each a function below):
 
 1. **options** are checked before anything is loaded (clear errors for bad input);
-2. **model** (:mod:`.models`): loaded and cast to ``--dtype``, optionally quantized (``--bits``);
+2. **model** (:mod:`.models`): loaded and cast to ``--dtype``; with ``--quantized q.tbq`` it
+   carries the file's decoded weights, with ``--bits`` those of the same quantizer run here
+   (:mod:`tokenbounds.quant`, after step 3: it calibrates on the evaluation's data);
 3. **data** (:mod:`.data`): ``.bin`` token files memory-mapped, text tokenized once and cached;
    several files are one set of m = sum_f (n_f - 1) data points, no context crossing a file;
 4. **rule and plan** (:mod:`.sample`): windows of T tokens scoring their last S targets (or
@@ -27,7 +29,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,6 +49,9 @@ from .sample import ContextRule, UnitPlan, Units, plan_units
 from .score import Scorer, batch_slices
 from .stats import EvalState
 
+if TYPE_CHECKING:
+    from ..quant.tbq import TBQ
+
 __all__ = ["DEFAULT_WINDOW", "EvalOptions", "evaluate"]
 
 log = logging.getLogger("tokenbounds.evaluate")
@@ -55,6 +60,10 @@ DEFAULT_WINDOW = 1024
 """Window T when --window is not given: the model's context (less the prefix token), at most this."""
 DEFAULT_BATCH_TOKENS = 8192
 """Default batch: about this many model tokens per forward pass (windows), 16 contexts per-token."""
+QUANTIZED_FILE = "quantized.tbq"
+"""Where --bits writes the code of the model it evaluates (in --out)."""
+QUANTIZE_SEED = 0
+"""--bits: seed of the calibration windows and Hadamard signs (``tokenbounds quantize``'s default)."""
 
 
 @dataclass
@@ -81,6 +90,9 @@ class EvalOptions:
     device: str = "auto"
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
     bits: int | None = None
+    codebook: str = "e8"
+    method: str = "ldlq"
+    quantized: str | None = None
     coded_bits: float | None = None
     bits_per_param: float | None = None
     tokenizer_bits: float | None = None
@@ -110,18 +122,22 @@ def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
 def _evaluate(opts: EvalOptions, world) -> dict[str, Any] | None:
     t_start = time.perf_counter()
     device, threads = _setup(opts, world)
-    lm, quant_size = _load_model(opts, device)
+    lm, tbq = _load_model(opts)
     from .hf import FusedHead
 
+    vocab = FusedHead(lm.model).vocab_size  # refuses an unsupported head before the data is read
+    files, streams, eot_id = _load_data(opts, lm, vocab, world)
+    if opts.bits is not None:
+        tbq = _quantize_here(opts, lm, files, world, threads)
+    lm.model.to(device).eval()
     head = FusedHead(lm.model)
-    files, streams, eot_id = _load_data(opts, lm, head.vocab_size, world)
     rule, prefix_source = _context_rule(opts, lm, streams, eot_id, head.vocab_size)
     units = Units(streams, rule.stride)
     plan = plan_units(units, rule, sample_tokens=opts.sample_tokens, seed=opts.seed)
     _check_train_tokens(opts, streams.num_points)
-    coded = _coded_size(opts, lm, quant_size)
+    coded = _coded_size(opts, lm, tbq)
     batch_size = _batch_size(opts, rule)
-    config = _run_config(opts, lm, files, rule, plan, batch_size, head.vocab_size)
+    config = _run_config(opts, lm, files, rule, plan, batch_size, head.vocab_size, tbq)
     scorer = Scorer(head, streams, units, rule, opts.alphas, device=device,
                     track_units=rule.mode == "windows" and not plan.full_pass)
     blocks, scored, elapsed = _score_blocks(opts, world, scorer, plan, batch_size, config)
@@ -165,8 +181,19 @@ def check_options(opts: EvalOptions) -> None:
         raise ValueError(f"--batch-size must be >= 1, got {opts.batch_size}")
     if opts.checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be >= 1, got {opts.checkpoint_every}")
-    if sum(x is not None for x in (opts.bits, opts.coded_bits, opts.bits_per_param)) > 1:
-        raise ValueError("give at most one of --bits, --coded-bits, --bits-per-param")
+    if sum(x is not None for x in (opts.bits, opts.quantized, opts.coded_bits, opts.bits_per_param)) > 1:
+        raise ValueError("give at most one of --bits, --quantized, --coded-bits, --bits-per-param (--quantized "
+                         "q.tbq: C is the file's size; --bits b: C is the size of the file quantized here)")
+    if opts.bits is not None:
+        from ..quant.weight import check_quantizer_args
+
+        try:
+            check_quantizer_args(opts.bits, opts.codebook, opts.method, None, QUANTIZE_SEED, 0.01)
+        except ValueError as exc:
+            raise ValueError(f"--bits {opts.bits} --codebook {opts.codebook} --method {opts.method}: {exc}") from None
+    elif (opts.codebook, opts.method) != ("e8", "ldlq"):
+        raise ValueError("--codebook and --method choose the quantizer of --bits; give --bits b too (a --quantized "
+                         "file carries its own settings)")
     if opts.prefix_token not in ("auto", "none"):
         try:
             if int(opts.prefix_token) < 0:
@@ -230,37 +257,90 @@ def _setup(opts: EvalOptions, world):
     return torch.device("cpu"), threads
 
 
-def quantize_quick(lm: LoadedModel, bits: int) -> dict[str, Any]:
-    """The one place C comes from a quantizer: quick_quant the model in place (b-bit uniform grid
-    + range coding, :mod:`.quick_quant`) and return its coded size (swap this function for
-    another quantizer)."""
-    import json
-    from dataclasses import asdict
+def _load_model(opts: EvalOptions) -> tuple[LoadedModel, TBQ | None]:
+    """The model on the CPU; with --quantized, carrying the decoded weights of the file (which is
+    read and checked first: a corrupt file or another architecture fails before anything else)."""
+    tbq = None
+    if opts.quantized is not None:
+        from ..quant.tbq import load_tbq
 
-    from .quick_quant import (
-        QuantizedModel,
-        code_length,
-        dequantize_into,
-        quantize_tensor,
-        unique_parameters,
-    )
-
-    model = lm.model
-    cfg = model.config
-    cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else asdict(cfg)
-    tensors = [quantize_tensor(p.detach().float().cpu().numpy(), bits, n) for n, p in unique_parameters(model)]
-    qm = QuantizedModel(tensors, json.loads(json.dumps(cfg_dict, default=str)), bits)
-    qm.size = code_length(qm)
-    lm.model = dequantize_into(model, qm)
-    return qm.size
-
-
-def _load_model(opts: EvalOptions, device) -> tuple[LoadedModel, dict[str, Any] | None]:
+        tbq = load_tbq(opts.quantized)
     lm = load_model(opts.model, gguf_file=opts.gguf_file, dtype=opts.dtype, tokenizer_path=opts.tokenizer)
     lm.quantization = {**lm.quantization, "fingerprint": directory_fingerprint(opts.model)}
-    quant_size = quantize_quick(lm, opts.bits) if opts.bits is not None else None
-    lm.model.to(device).eval()
-    return lm, quant_size
+    if tbq is not None:
+        from ..quant.tbq import apply_tbq
+
+        apply_tbq(lm.model, tbq)
+        log.info("evaluating the decoded %s (%s)", opts.quantized, _tbq_method(tbq))
+    return lm, tbq
+
+
+def _tbq_method(tbq: TBQ) -> str:
+    """The coded-size method string: the quantizer settings the file was made with."""
+    q = tbq.quantizer
+    return f"tbq {q['bits']}-bit {q['codebook']} {q['method']}" + ("" if q.get("incoherence") else " no-incoherence")
+
+
+def _quantize_here(opts: EvalOptions, lm: LoadedModel, files: list[DataFile], world, threads: int) -> TBQ:
+    """--bits: ``tokenbounds quantize`` with its defaults (e8 / ldlq unless --codebook / --method,
+    incoherence, seed 0, DEFAULT_CALIBRATION_TOKENS calibration tokens or all the data holds in
+    whole windows) run on rank 0 on windows of the evaluation's own --data; the file goes to
+    OUT/quantized.tbq, the per-tensor resume state to OUT/quantized.tbq.partial/ (kept, so that a
+    resumed evaluation decodes the same file instead of quantizing again). Every rank evaluates
+    exactly that file's decoded weights."""
+    import shutil
+
+    import torch
+
+    from ..quant.layerwise import QuantizeRunMismatch, quantize_model_to_tbq
+    from ..quant.run import (
+        DEFAULT_CALIBRATION_TOKENS,
+        calibration_from_files,
+        default_seq_len,
+        saved_threads,
+    )
+    from ..quant.tbq import apply_tbq, load_tbq
+    from . import distributed as D
+
+    path = os.path.join(opts.out, QUANTIZED_FILE)
+    partial = path + ".partial"
+    error, tbq = None, None
+    if world.is_main:
+        try:
+            if opts.restart and os.path.isdir(partial):
+                shutil.rmtree(partial)
+            q_threads = saved_threads(partial) or threads
+            seq_len = default_seq_len(lm.context_length)
+            whole = sum(int(f.tokens.size) // seq_len for f in files) * seq_len
+            if whole < seq_len:
+                raise ValueError(f"--bits calibrates on windows of {seq_len} tokens of --data, but no file holds "
+                                 "that many; pass more data, or quantize with `tokenbounds quantize --seq-len L` and "
+                                 "evaluate with --quantized")
+            calib = calibration_from_files(files, min(DEFAULT_CALIBRATION_TOKENS, whole), seq_len, QUANTIZE_SEED)
+            log.info("--bits %d: quantizing (%s, %d calibration windows x %d tokens of --data, seed %d, %d thread(s))",
+                     opts.bits, f"{opts.codebook} {opts.method} + randomized Hadamard", calib.shape[0], seq_len,
+                     QUANTIZE_SEED, q_threads)
+            torch.set_num_threads(q_threads)
+            try:
+                tbq = quantize_model_to_tbq(lm.model, calib, bits=opts.bits, codebook=opts.codebook,
+                                            method=opts.method, seed=QUANTIZE_SEED, partial_dir=partial,
+                                            progress=opts.progress, log=log.info, run_extra={"threads": q_threads})
+            except QuantizeRunMismatch as exc:
+                raise CheckpointError(str(exc)) from None  # it names the difference and says --restart
+            finally:
+                torch.set_num_threads(threads)
+            tbq.save(path)
+        except Exception as exc:  # noqa: BLE001 -- reported on every rank below, raised on rank 0
+            error = exc
+    errors = [e for e in D.all_gather(world, None if error is None else str(error)) if e]
+    if error is not None:
+        raise error
+    if errors:
+        raise ValueError(f"rank 0 could not quantize the model: {errors[0]}")
+    if tbq is None:
+        tbq = load_tbq(path)
+        apply_tbq(lm.model, tbq)
+    return tbq
 
 
 # ----------------------------------------------------------------------------- 3. data
@@ -323,19 +403,17 @@ def _num_blocks(plan: UnitPlan, batch_size: int, every: int) -> int:
 
 
 # ----------------------------------------------------------------------------- 5. coded size
-def _coded_size(opts: EvalOptions, lm: LoadedModel, quant_size: dict[str, Any] | None) -> CodedSize:
+def _coded_size(opts: EvalOptions, lm: LoadedModel, tbq: TBQ | None) -> CodedSize:
     """C and how it was obtained (report.md states it); see :mod:`.models` for the default."""
     q = lm.quantization
     parts: dict[str, Any] = {}
     if opts.coded_bits is not None:
         method, parts["model"] = "given", float(opts.coded_bits)
         desc = f"{opts.coded_bits:.6g} bits given by --coded-bits (not verified)"
-    elif quant_size is not None:
-        method, parts["model"] = f"quick_quant {opts.bits}-bit", float(quant_size["total_bits"])
-        desc = (f"{quant_size['total_bits']:.6g} bits: every parameter tensor quantized to a symmetric {opts.bits}-bit "
-                f"uniform grid and range-coded ({quant_size['bits_per_parameter']:.3f} bits/parameter incl. scales "
-                "and config); the bound is for the dequantized model that was evaluated")
-        parts["quantizer"] = quant_size
+    elif tbq is not None:
+        method, desc = _tbq_method(tbq), _tbq_description(opts, tbq)
+        parts["model"] = tbq.coded_bits
+        parts["tbq"] = _tbq_parts(tbq)
     elif opts.bits_per_param is not None:
         c = float(opts.bits_per_param) * lm.num_parameters
         method, parts["model"] = f"{opts.bits_per_param:g} bits/parameter", c
@@ -362,6 +440,32 @@ def _coded_size(opts: EvalOptions, lm: LoadedModel, quant_size: dict[str, Any] |
                      parts=parts)
 
 
+def _tbq_parts(tbq: TBQ) -> dict[str, Any]:
+    """C's parts for a .tbq: they sum to its 8 x bytes (:attr:`TBQ.coded_bits_detail`)."""
+    r = tbq.coded_bits_report()
+    return {**r["detail"], "file": r["file"], "file_bytes": r["file_bytes"], "sha256": r["sha256"],
+            "num_parameters": r["num_parameters"], "bits_per_parameter": r["bits_per_parameter"],
+            "quantizer": r["quantizer"]}
+
+
+def _tbq_description(opts: EvalOptions, tbq: TBQ) -> str:
+    d = tbq.coded_bits_detail
+    q = tbq.quantizer
+    if opts.bits is not None:
+        how = (f"quantized here by tokenbounds.quant ({opts.bits}-bit {q['codebook']} {q['method']}"
+               f"{' + randomized Hadamard' if q.get('incoherence') else ''}, embeddings {q.get('embedding_bits')}-bit; "
+               f"{q.get('calibration_tokens'):,} calibration tokens of --data, seed {q.get('seed')}) into "
+               f"{os.path.join(opts.out, QUANTIZED_FILE)}")
+    else:
+        how = f"the file {opts.quantized} ({_tbq_method(tbq)}, embeddings {q.get('embedding_bits')}-bit)"
+    n = tbq.num_parameters
+    return (f"8 x {len(tbq.data):,} bytes of {how} = {tbq.coded_bits:.6g} bits "
+            f"({tbq.coded_bits / max(1, n):.3f} bits/parameter over {n:,}): range-coded codes "
+            f"{d['codes_bits']:.6g}, scales {d['scales_bits']:.6g}, stream models {d['side_bits']:.6g}, float16 "
+            f"tensors {d['unquantized_bits']:.6g}, header (architecture, names, shapes, settings, seeds) + checksum "
+            f"{d['header_bits']:.6g}; the bound is for exactly the decoded weights that were evaluated")
+
+
 def _tokenizer_part(opts: EvalOptions, lm: LoadedModel, parts: dict[str, Any], *, gguf: bool) -> str:
     if opts.tokenizer_bits is not None:
         parts["tokenizer"] = float(opts.tokenizer_bits)
@@ -379,10 +483,11 @@ def _tokenizer_part(opts: EvalOptions, lm: LoadedModel, parts: dict[str, Any], *
 
 
 # ----------------------------------------------------------------------------- 6. scoring
-def _run_config(opts, lm, files, rule, plan: UnitPlan, batch_size: int, vocab: int) -> dict[str, Any]:
+def _run_config(opts, lm, files, rule, plan: UnitPlan, batch_size: int, vocab: int,
+                tbq: TBQ | None = None) -> dict[str, Any]:
     """Everything that determines the statistics (the checkpoint's identity; not the number of
     processes, so a run may resume with another)."""
-    return {
+    config = {
         "format": STATS_FORMAT,
         "model": {"path": os.path.abspath(opts.model), "fingerprint": lm.quantization["fingerprint"]["sha256"],
                   "kind": lm.kind, "gguf_file": lm.gguf_file, "dtype": opts.dtype, "quantize_bits": opts.bits},
@@ -392,6 +497,9 @@ def _run_config(opts, lm, files, rule, plan: UnitPlan, batch_size: int, vocab: i
         "batch_size": batch_size, "checkpoint_every": opts.checkpoint_every,
         "alphas": list(map(float, opts.alphas)), "vocab_size": vocab,
     }
+    if tbq is not None:  # the evaluated weights are the file's (a quantization redone differently is another run)
+        config["model"]["tbq_sha256"] = tbq.sha256
+    return config
 
 
 def _open_store(opts: EvalOptions, world, config: dict[str, Any]) -> BlockStore:

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..eval.fileio import atomic_write_json, canonical_json, json_sha256, read_json
 from .tbq import (
     TBQ,
     TBQError,
@@ -377,23 +378,15 @@ class _PartStore:
         self.index: dict[str, int] = {}
         if directory is None:
             return
-        from ..eval.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "run.json")
-        saved = None
-        if not restart:
-            try:
-                saved = load_checkpoint(path, run)
-            except CheckpointError as exc:
-                raise QuantizeRunMismatch(
-                    f"{directory} holds the partial results of another quantize run: {exc}; or delete "
-                    f"{directory}") from None
-        if saved is None:  # a new run: nothing in the directory belongs to it
+        saved = False if restart else _same_run(path, run, directory)
+        if not saved:  # a new run: nothing in the directory belongs to it
             for name in os.listdir(directory):
                 if name.endswith(".part"):
                     os.remove(os.path.join(directory, name))
-            save_checkpoint(path, run, {})
+            atomic_write_json(path, {"format": RUN_FORMAT, "payload_sha256": json_sha256({"config": run}),
+                                     "payload": {"config": run}})
 
     def _path(self, index: int) -> str:
         return os.path.join(self.directory, f"{index:05d}.part")
@@ -420,6 +413,32 @@ class _PartStore:
         self.records[rec.name] = rec
         if self.directory is not None:
             atomic_write_bytes(self._path(index), rec.to_bytes())
+
+
+def _same_run(path: str, run: dict[str, Any], directory: str) -> bool:
+    """True if ``path`` records this very run, False if there is no record; raises
+    :class:`QuantizeRunMismatch` for a corrupt record or another run's (naming what differs)."""
+    if not os.path.exists(path):
+        return False
+    hint = f"pass --restart (or delete {directory}) to start over"
+    try:
+        doc = read_json(path)
+        payload = doc["payload"]
+        ok = doc.get("format") == RUN_FORMAT and doc.get("payload_sha256") == json_sha256(payload)
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise QuantizeRunMismatch(f"{path} is corrupt (unreadable, or its sha256 does not match); {hint}")
+    saved = payload.get("config", {})
+    if canonical_json(saved) == canonical_json(run):
+        return True
+    diffs = [k for k in sorted(set(saved) | set(run)) if saved.get(k) != run.get(k)]
+    if "settings" in diffs:
+        a, b = saved.get("settings", {}), run["settings"]
+        diffs += [f"settings.{k}: {a.get(k)!r} then, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
+                  if a.get(k) != b.get(k)]
+    raise QuantizeRunMismatch(f"{directory} holds the partial results of another quantize run (differs in: "
+                              f"{', '.join(diffs)}); {hint}")
 
 
 def _fingerprint_state(model: nn.Module) -> str:

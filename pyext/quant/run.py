@@ -1,8 +1,8 @@
 """``tokenbounds quantize``: a local model + its training data -> ``q.tbq`` (+ ``q.tbq.json``).
 
-Steps: load the model (:func:`tokenbounds.eval.evaluate.load_model`: our GPT, a Hugging Face
+Steps: load the model (:func:`tokenbounds.eval.models.load_model`: our GPT, a Hugging Face
 directory or a GGUF folder), read the data (``.bin`` token files memory-mapped, ``.txt`` /
-``.jsonl`` tokenized with the model's tokenizer by :func:`tokenbounds.eval.evaluate.prepare_data`),
+``.jsonl`` tokenized with the model's tokenizer by :func:`tokenbounds.eval.data.prepare_data`),
 draw the calibration windows (:func:`~tokenbounds.quant.layerwise.calibration_windows`), quantize
 (:func:`~tokenbounds.quant.layerwise.quantize_model_to_tbq`, finished tensors saved in
 ``OUT.partial/`` so a killed run resumes), write the file atomically, then a JSON report (C and its
@@ -20,7 +20,18 @@ from typing import Any
 
 from .tbq import TBQError, atomic_write_bytes, load_tbq
 
-__all__ = ["QuantizeOptions", "calibration_from_files", "quantize_files"]
+__all__ = ["DEFAULT_CALIBRATION_TOKENS", "DEFAULT_SEQ_LEN", "QuantizeOptions", "calibration_from_files",
+           "default_seq_len", "quantize_files", "saved_threads"]
+
+DEFAULT_CALIBRATION_TOKENS = 8192
+"""Calibration tokens when --calibration-tokens is not given (also ``evaluate --bits``)."""
+DEFAULT_SEQ_LEN = 512
+"""Calibration window length cap: windows are min(this, the model's context) tokens."""
+
+
+def default_seq_len(context_length: int | None) -> int:
+    """The calibration window length when --seq-len is not given."""
+    return min(DEFAULT_SEQ_LEN, context_length or DEFAULT_SEQ_LEN)
 
 
 @dataclass
@@ -32,7 +43,7 @@ class QuantizeOptions:
     codebook: str = "e8"
     method: str = "ldlq"
     incoherence: bool = True
-    calibration_tokens: int = 8192
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
     seq_len: int | None = None
     seed: int = 0
     sequential: bool = False
@@ -52,18 +63,17 @@ class QuantizeOptions:
 
 
 def _load_model(opts: QuantizeOptions):
-    # The loader lives in the evaluation package (it moves to tokenbounds.eval.models); one loader.
-    from ..eval.evaluate import load_model
+    from ..eval.models import load_model  # the one loader (our GPT, HF, GGUF)
 
     return load_model(opts.model, gguf_file=opts.gguf_file, dtype=opts.dtype, tokenizer_path=opts.tokenizer)
 
 
 def _read_data(paths: list[str], lm, *, token_dtype: str, eot_id: int, cache_dir: str, text_field: str,
                vocab_size: int | None):
-    from ..eval.evaluate import prepare_data
+    from ..eval.data import prepare_data  # the one reader (.bin memmapped, text tokenized once)
 
-    return prepare_data(paths, lm, token_dtype=token_dtype, eot_id=eot_id, cache_dir=cache_dir,
-                        text_field=text_field, vocab_size=vocab_size)
+    return prepare_data(paths, tokenizer=lm.tokenizer, tokenizer_files=lm.tokenizer_files, token_dtype=token_dtype,
+                        eot_id=eot_id, cache_dir=cache_dir, text_field=text_field, vocab_size=vocab_size)
 
 
 def calibration_from_files(files, num_tokens: int, seq_len: int, seed: int):
@@ -73,7 +83,9 @@ def calibration_from_files(files, num_tokens: int, seq_len: int, seed: int):
     return calibration_windows([f.tokens for f in files], num_tokens, seq_len, seed)
 
 
-def _saved_threads(partial: str) -> int | None:
+def saved_threads(partial: str) -> int | None:
+    """The thread count of the run whose resume state is in ``partial`` (None: no such run); a resumed
+    run must repeat the first one's arithmetic (GEMM reductions depend on the thread count)."""
     try:
         with open(os.path.join(partial, "run.json")) as f:
             return int(json.load(f)["payload"]["config"]["extra"]["threads"])
@@ -101,7 +113,7 @@ def quantize_files(opts: QuantizeOptions, log=print) -> dict[str, Any]:
     if opts.restart and os.path.isdir(partial):
         shutil.rmtree(partial)
     # A resumed run must repeat the first one's arithmetic: same thread count (GEMM reductions).
-    threads = opts.threads or (None if opts.restart else _saved_threads(partial)) or choose_threads(None)
+    threads = opts.threads or (None if opts.restart else saved_threads(partial)) or choose_threads(None)
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     lm = _load_model(opts)
@@ -110,7 +122,7 @@ def quantize_files(opts: QuantizeOptions, log=print) -> dict[str, Any]:
     eot = opts.eot_id if opts.eot_id is not None else (lm.eos_id if lm.eos_id is not None else 0)
     files = _read_data(list(opts.data), lm, token_dtype=opts.token_dtype, eot_id=eot,
                        cache_dir=os.path.join(partial, "tokens"), text_field=opts.text_field, vocab_size=vocab)
-    seq_len = opts.seq_len or min(512, lm.context_length or 512)
+    seq_len = opts.seq_len or default_seq_len(lm.context_length)
     if lm.context_length is not None and seq_len > lm.context_length:
         raise ValueError(f"--seq-len {seq_len} exceeds the model's context of {lm.context_length} tokens")
     calib = calibration_from_files(files, opts.calibration_tokens, seq_len, opts.seed)

@@ -48,6 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..eval.fileio import atomic_write_bytes  # one atomic writer (re-exported for the quantize run)
+
 MAGIC = b"TBQ1"
 PART_MAGIC = b"TBQP"
 FORMAT = "tokenbounds.tbq/1"
@@ -126,26 +128,6 @@ class _Reader:
 
 def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (tmp + fsync + os.replace + directory fsync)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # some filesystems cannot fsync a directory
-        pass
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
