@@ -14,16 +14,25 @@ seeded projector), their coded size and decoder, and the train-and-code entry po
 * :class:`SubspaceModel`: ``theta = theta_0 + P z`` over any set of trainable parameters (with
   LoRA adapters installed first: SubLoRA), with a seeded :class:`KroneckerProjector` (never
   forms P).
-* :class:`CodedModel`, :func:`code_parameters`, :func:`code_subspace`,
-  :func:`quantize_parameters`: the coded message (codebooks + range coder of
+* :class:`CodedModel`, :func:`code_parameters`, :func:`code_subspace`, :func:`code_trainable`,
+  :func:`quantize_parameters`, :func:`quantize_trainable`: the coded message (codebooks + range coder of
   :mod:`tokenbounds.quant` / :mod:`tokenbounds.bounds.coding`) and its exact decoder.
 * :func:`parse_spec`, :func:`build_model`, :func:`compress_candidate`: spec strings such as
-  ``"subspace:d=2000"``, ``"kron:rank=2"``, ``"monarch:blocks=4"``.
+  ``"subspace:d=2000"``, ``"kron:rank=2"``, ``"monarch:blocks=4"``, ``"lora:rank=4"``,
+  ``"sublora:rank=4,d=2000"`` (LoRA / SubLoRA on the seeded init: :mod:`.spec`).
 """
 
 from __future__ import annotations
 
-from .coding import CodedModel, code_parameters, code_subspace, factor_hessians, quantize_parameters
+from .coding import (
+    CodedModel,
+    code_parameters,
+    code_subspace,
+    code_trainable,
+    factor_hessians,
+    quantize_parameters,
+    quantize_trainable,
+)
 from .experiment import (
     Candidate,
     TrainedCandidate,
@@ -70,6 +79,7 @@ __all__ = [
     "code_candidate",
     "code_parameters",
     "code_subspace",
+    "code_trainable",
     "compress_candidate",
     "evaluate_loss",
     "factor_hessians",
@@ -78,6 +88,7 @@ __all__ = [
     "merge_adapters",
     "parse_spec",
     "quantize_parameters",
+    "quantize_trainable",
     "remove_adapters",
     "replace_linears",
     "structured_layer",

@@ -20,14 +20,22 @@ The message (everything a decoder needs, every bit counted in :attr:`CodedModel.
   make ``quantize_weight`` build a d x d identity Hessian), quantized with the same codebooks
   (a float16 scale per row, optional Hadamard incoherence) and range-coded.
 
-For a subspace model trained from scratch, theta_0 is the seeded init and ``weights`` is None: the
-frozen base costs its seed. For a subspace on a pretrained base, ``weights`` codes that base (its
+* ``weights`` of a LoRA model (spec ``lora``; :func:`code_trainable`): only its *trainable*
+  parameters -- the LoRA factors with ``quantize_weight`` and the proxy Hessians of their inputs
+  (:meth:`tokenbounds.compress.LoRALinear.factor_inputs`), other trainable matrices (an embedding)
+  with an identity Hessian, vectors as float16; the frozen base is the seeded init, rebuilt from
+  ``init_seed``.
+
+For a subspace model trained from scratch (``subspace``, ``sublora``), theta_0 is the seeded init
+and ``weights`` is None: the frozen base costs its seed. For a subspace on a pretrained base, ``weights`` codes that base (its
 size counts) and the subspace must have been trained on the *decoded* base
 (:func:`code_subspace` checks this), so the decoder rebuilds theta_0 exactly.
 
 ``CodedModel.build()`` (also after ``decode(encode())``) returns the model that is evaluated:
 the rebuilt architecture carrying the decoded parameters, bit for bit those of
-``CodedModel.model`` on the same torch build.
+``CodedModel.model`` on the same torch build. LoRA adapters are merged into their base weights
+and removed (:func:`tokenbounds.compress.remove_adapters`), so a lora / sublora model is evaluated
+as the plain GPT ``W0 + (alpha / r) B A`` it describes.
 """
 
 from __future__ import annotations
@@ -41,10 +49,12 @@ import torch
 import torch.nn as nn
 
 from .kronecker import KroneckerLinear
+from .lora import LoRALinear, adapters, remove_adapters
 from .monarch import MonarchLinear
 from .subspace import SubspaceModel
 
-__all__ = ["FORMAT", "CodedModel", "code_parameters", "code_subspace", "factor_hessians", "quantize_parameters"]
+__all__ = ["FORMAT", "CodedModel", "code_parameters", "code_subspace", "code_trainable", "factor_hessians",
+           "quantize_parameters", "quantize_trainable"]
 
 FORMAT = "tokenbounds.compress/1"
 Z_COLUMNS = 256
@@ -55,8 +65,10 @@ def _header_bits(header: dict[str, Any]) -> float:
     return 8.0 * len(json.dumps(header, sort_keys=True, separators=(",", ":")))
 
 
-def factor_hessians(model: nn.Module, calibration_tokens) -> dict[str, torch.Tensor]:
-    """Proxy Hessians E[v v^T] of the factors of every Kronecker / Monarch layer (parameter name ->
+def factor_hessians(model: nn.Module, calibration_tokens, *, types: tuple[type, ...] = STRUCTURED
+                    ) -> dict[str, torch.Tensor]:
+    """Proxy Hessians E[v v^T] of the factors of every layer of ``types`` (default Kronecker /
+    Monarch; :class:`~tokenbounds.compress.LoRALinear` for adapters) (parameter name ->
     [cols, cols] float64), from the layers' inputs on ``calibration_tokens`` (a [B, T] LongTensor
     or an iterable of them): what LDLQ needs to round a factor so that the layer output moves
     least, with the other factor of the layer fixed (see ``factor_inputs``)."""
@@ -65,7 +77,7 @@ def factor_hessians(model: nn.Module, calibration_tokens) -> dict[str, torch.Ten
     acc: dict[str, HessianAccumulator] = {}
     handles = []
     for name, mod in model.named_modules():
-        if isinstance(mod, STRUCTURED):
+        if isinstance(mod, types):
             def hook(module, inputs, output, name=name):
                 for p, v in module.factor_inputs(inputs[0]).items():
                     acc.setdefault(f"{name}.{p}", HessianAccumulator(v.shape[-1])).update(v)
@@ -120,6 +132,64 @@ def quantize_parameters(
                                               config=config))
 
 
+def quantize_trainable(
+    model: nn.Module,
+    calibration_tokens,
+    *,
+    bits: int = 4,
+    codebook: str = "uniform",
+    method: str = "ldlq",
+    incoherence: bool = True,
+    seed: int = 0,
+):
+    """Code exactly the trainable parameters (``requires_grad``) of a model whose other parameters
+    the decoder rebuilds from a seed (a LoRA model on its seeded init); returns a QuantizedModel
+    holding those tensors only (load it with :meth:`CodedModel.build`, not ``load_into``).
+
+    LoRA factors with ``quantize_weight`` and the proxy Hessians of their inputs
+    (:func:`factor_hessians` with ``types=(LoRALinear,)``), any other trainable matrix (e.g. an
+    embedding, which is also the tied LM head) with an identity Hessian, vectors as float16;
+    trainable tensor i in parameter order gets Hadamard seed ``seed + i``.
+    """
+    from ..quant import QuantizedModel, quantize_weight
+    from ..quant.embedding import compact_unquantized
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters (requires_grad=True) to code")
+    hessians = factor_hessians(model, calibration_tokens, types=(LoRALinear,)) if adapters(model) else {}
+    layers, unquantized = {}, {}
+    for i, (name, p) in enumerate(trainable):
+        if p.dim() == 2:
+            layers[name] = quantize_weight(p.detach().to("cpu", torch.float32), hessians.get(name), bits=bits,
+                                           codebook=codebook, method=method, incoherence=incoherence, seed=seed + i)
+        else:
+            unquantized[name] = p.detach().cpu().clone()
+    config = {"bits": bits, "method": method, "codebook": codebook, "incoherence": incoherence, "seed": seed,
+              "coded": "trainable parameters"}
+    return compact_unquantized(QuantizedModel(layers=layers, unquantized=unquantized, config=config))
+
+
+def _load_trainable(net: nn.Module, weights) -> None:
+    """Overwrite the trainable parameters of ``net`` with a :func:`quantize_trainable` message."""
+    decoded = weights.dequantized_state_dict()
+    params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    if set(decoded) != set(params):
+        raise ValueError(f"the message codes {sorted(decoded)[:5]}..., the rebuilt model trains "
+                         f"{sorted(params)[:5]}...: not a message for this architecture")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(decoded[name].to(p.dtype))
+
+
+def _evaluable(net: nn.Module) -> nn.Module:
+    """The model to evaluate: LoRA adapters merged into their base weights and removed (a plain
+    GPT), eval mode."""
+    if adapters(net):
+        remove_adapters(net, merge=True)
+    return net.eval()
+
+
 @dataclass
 class CodedModel:
     """A compressed model's complete message (see the module docstring) and its decoder."""
@@ -157,7 +227,7 @@ class CodedModel:
         (:func:`tokenbounds.compress.spec.build_base`).
         """
         from ..models.gpt import GPTConfig
-        from .spec import build_base
+        from .spec import build_base, parse_spec
 
         h = self.header
         if base is None:
@@ -166,16 +236,19 @@ class CodedModel:
             net = build_base(GPTConfig(**h["arch"]["gpt"]), h["spec"], seed=int(h["init_seed"]))
         else:
             net = base() if callable(base) and not isinstance(base, nn.Module) else base
-        if self.weights is not None:
-            self.weights.load_into(net)
         sub = h.get("subspace")
+        if self.weights is not None:
+            if sub is None and parse_spec(h["spec"]).adapter is not None:
+                _load_trainable(net, self.weights)  # a LoRA message codes the trained tensors only
+            else:
+                self.weights.load_into(net)
         if sub is not None:
             wrapper = SubspaceModel(net, int(sub["d"]), seed=int(sub["seed"]), projector=sub["projector"])
             if "D" in self.checks and wrapper.num_parameters != int(self.checks["D"]):
                 raise ValueError(f"the rebuilt base has {wrapper.num_parameters} trainable parameters, the "
                                  f"message was made for D={self.checks['D']}")
             net = wrapper.materialize(self.z())
-        return net.eval()
+        return _evaluable(net)
 
     def encode(self) -> dict[str, Any]:
         """The message as plain data (range-coded streams, float16 arrays, the JSON header)."""
@@ -232,6 +305,40 @@ def code_parameters(
     return CodedModel(header=header, weights=qm, model=qm.dequantized_model(model).eval())
 
 
+def code_trainable(
+    model: nn.Module,
+    calibration_tokens,
+    *,
+    spec: str,
+    init_seed: int,
+    bits: int = 4,
+    codebook: str = "uniform",
+    method: str = "ldlq",
+    incoherence: bool = True,
+    quant_seed: int = 0,
+) -> CodedModel:
+    """Code a trained LoRA GPT (spec ``lora:...``) by its trainable parameters only
+    (:func:`quantize_trainable`); the frozen base is rebuilt from ``init_seed`` by the decoder, so
+    ``CodedModel.model`` is the decoder's own output (adapters merged)."""
+    from .spec import build_base, parse_spec
+
+    sp = parse_spec(spec)
+    if sp.adapter is None or sp.subspace is not None:
+        raise ValueError(f"code_trainable codes 'lora:...' specs, got {spec!r}")
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    rebuilt = dict(build_base(model.config, sp, seed=init_seed).named_parameters())
+    for name, p in frozen.items():
+        if name not in rebuilt or not torch.equal(rebuilt[name].detach(), p.detach()):
+            raise ValueError(f"the frozen parameter {name!r} is not the seeded init of {spec!r} at seed "
+                             f"{init_seed}: the decoder could not rebuild it")
+    qm = quantize_trainable(model, calibration_tokens, bits=bits, codebook=codebook, method=method,
+                            incoherence=incoherence, seed=quant_seed)
+    header = {"arch": _gpt_arch(model), "spec": str(sp), "init_seed": int(init_seed)}
+    code = CodedModel(header=header, weights=qm)
+    code.model = code.build()
+    return code
+
+
 def code_subspace(
     sub: SubspaceModel,
     *,
@@ -272,5 +379,5 @@ def code_subspace(
     header = {"arch": arch if arch is not None else _gpt_arch(sub.module), "spec": str(spec),
               "init_seed": int(init_seed), "subspace": {"d": sub.dim, "projector": sub.projector.kind, "seed": sub.seed}}
     code = CodedModel(header=header, weights=base_weights, coordinates=coords, checks={"D": sub.num_parameters})
-    code.model = sub.materialize(code.z()).eval()
+    code.model = _evaluable(sub.materialize(code.z()))
     return code

@@ -8,8 +8,8 @@ call.
   (:mod:`tokenbounds.compress.coding`) and return the decoded model to evaluate with its coded
   size. :func:`train_candidate` and :func:`code_candidate` are its two halves (train once, code
   at several bit widths).
-* :func:`evaluate_loss` -- the one place that evaluates the empirical loss (sampled training
-  tokens through :func:`tokenbounds.eval.sample.evaluate_sample`).
+* :func:`evaluate_loss` -- the one place that evaluates the empirical loss (window units of the
+  training tokens through :func:`tokenbounds.eval.score.score_tokens`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch.nn as nn
 
-from .coding import CodedModel, code_parameters, code_subspace
+from .coding import CodedModel, _evaluable, code_parameters, code_subspace, code_trainable
 from .spec import CompressionSpec, build_model, parse_spec, subspace_lr
 
 __all__ = [
@@ -49,8 +49,18 @@ class TrainedCandidate:
 
     @property
     def num_trained(self) -> int:
-        """Number of trained values: d for a subspace model, else every parameter."""
+        """Number of trained values: d for a subspace model, the adapters (and ``train=``
+        parameters) for a LoRA model, else every parameter."""
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def unquantized_model(self) -> nn.Module:
+        """The trained model before coding, as the plain module that is evaluated (a copy: the
+        subspace materialized, LoRA adapters merged), in eval mode: the paired reference of the
+        quantization gap."""
+        import copy
+
+        net = self.model.materialize() if self.spec.subspace is not None else copy.deepcopy(self.model)
+        return _evaluable(net)
 
 
 @dataclass
@@ -116,14 +126,17 @@ def code_candidate(
     incoherence: bool = True,
     quant_seed: int = 0,
 ) -> CodedModel:
-    """Code a trained candidate: z for a subspace model, every parameter otherwise (then
-    ``calibration_tokens`` -- e.g. :func:`calibration_batch` -- give the proxy Hessians)."""
+    """Code a trained candidate: z for a subspace model (subspace, sublora), the trained tensors
+    of a LoRA model, every parameter otherwise (for the last two ``calibration_tokens`` -- e.g.
+    :func:`calibration_batch` -- give the proxy Hessians)."""
     common = {"spec": str(trained.spec), "init_seed": trained.seed, "bits": bits, "codebook": codebook,
               "method": method, "incoherence": incoherence, "quant_seed": quant_seed}
     if trained.spec.subspace is not None:
         return code_subspace(trained.model, **common)
     if calibration_tokens is None:
         raise ValueError("coding the parameters needs calibration_tokens (see calibration_batch)")
+    if trained.spec.adapter is not None:
+        return code_trainable(trained.model, calibration_tokens, **common)
     return code_parameters(trained.model, calibration_tokens, **common)
 
 
