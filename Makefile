@@ -9,7 +9,7 @@ CUDA_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=
 CSRC := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/include/tokenbounds/*.h)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: all venv build test test-all demo bench peers check-cuda lint clean
+.PHONY: all venv build test test-all demo bench peers check-cuda check-cuda-build lint clean
 
 all: test
 
@@ -69,6 +69,26 @@ check-cuda:
 	  $(NVCC) -std=c++17 -O3 -Icsrc/include $(CUDA_ARCHS) -Werror all-warnings -Xcompiler -Wall,-Werror \
 	    -c $$f -o /dev/null; \
 	done
+
+# The whole extension (CPU + CUDA kernels + torch bindings) built and linked against a CUDA torch,
+# sm_80 and sm_90, without a GPU (shared/cuda-build.md). Its own venv (torch 2.14.1+cu130 and the
+# nvidia wheels from the local index, ~5.5 GB) and its own build tree (build-cuda/), so the CPU
+# extension in pyext/ that `make test` uses is never replaced. Then the extension is imported
+# (every symbol resolved) and every op is checked for a CUDA kernel and a fake kernel.
+CUDA_VENV := .venv-cuda
+CUDA_STAMP := $(CUDA_VENV)/.installed
+CUDA_HOME ?= /usr/local/cuda
+$(CUDA_STAMP):
+	test -x $(CUDA_VENV)/bin/python || $(PY) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/pip install -q "torch==2.14.1" setuptools wheel ninja numpy scipy constriction tqdm
+	touch $(CUDA_STAMP)
+
+check-cuda-build: $(CUDA_STAMP)
+	@set -e; NV=$$($(CUDA_VENV)/bin/python -c "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu13'))"); \
+	  echo "building tokenbounds._C against $$($(CUDA_VENV)/bin/python -c 'import torch; print(torch.__version__)') into build-cuda/"; \
+	  CUDA_HOME=$(CUDA_HOME) CPATH=$$NV/include TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=2 \
+	    $(CUDA_VENV)/bin/python setup.py -q build --build-base build-cuda --build-lib build-cuda/lib
+	PYTHONPATH=build-cuda/lib $(CUDA_VENV)/bin/python scripts/check_cuda_build.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pyext triton_kernels tests benchmarks

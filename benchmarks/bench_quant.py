@@ -5,8 +5,9 @@
    reference numbers: RTN 1.16, LDLQ 0.24, LDLQ + Kronecker incoherence 0.023). Our synthetic
    layer follows the description, not QuIP#'s exact data, so compare orders of magnitude.
 2. Real layers of a tiny GPT trained here for ``--train-seconds`` on a synthetic language.
-3. Wall time for one 4096 x 4096 layer on CPU, split into the LDLQ core (damped inverse
-   Cholesky factor + blocked rounding) and the rest of quantize_weight (skipped with --quick).
+3. Wall and CPU time for one 4096 x 4096 layer at 2 bits, per stage of quantize_weight
+   (rotations, scale search, Cholesky, blocked rounding, proxy loss, other; skipped with --quick).
+   Issue 11's target: <= 10 s on 2 cores.
 
 Equal rates: the uniform grid's rate is fixed by its level count, while the E8 codebook's
 ``bits`` is only an entropy target for round-to-nearest codes (tokenbounds.quant.codebooks). So
@@ -170,20 +171,27 @@ def tiny_gpt_layers(train_seconds: float):
     return [(mods[n].weight.detach(), hs[n]) for n in names]
 
 
+STAGES = (("_rot_in", "rotations"), ("_rot_out", "rotations"), ("_uniform_scales", "scales"),
+          ("_e8_scales", "scales"), ("damped_hessian", "cholesky"), ("cholesky_upper", "cholesky"),
+          ("ldlq", "rounding"), ("proxy_loss", "proxy loss"))
+
+
 @contextlib.contextmanager
-def timed_ldlq_core(acc: dict):
-    """Accumulate the seconds quantize_weight spends in inverse_cholesky_upper and ldlq."""
+def timed_stages(acc: dict):
+    """Accumulate wall and CPU seconds of quantize_weight's stages (wrapping its module functions)."""
     from tokenbounds.quant import weight as qw
 
-    orig = {name: getattr(qw, name) for name in ("inverse_cholesky_upper", "ldlq")}
+    orig = {name: getattr(qw, name) for name, _ in STAGES}
+    stage = dict(STAGES)
 
     def wrap(name):
         def f(*a, **k):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             try:
                 return orig[name](*a, **k)
             finally:
-                acc[name] = acc.get(name, 0.0) + time.perf_counter() - t
+                w, p = acc.setdefault(stage[name], [0.0, 0.0])
+                acc[stage[name]] = [w + time.perf_counter() - t, p + time.process_time() - c]
         return f
 
     for name in orig:
@@ -196,24 +204,28 @@ def timed_ldlq_core(acc: dict):
 
 
 def big_layer(n: int, out: dict) -> None:
+    import os
+
     from tokenbounds.quant import quantize_weight
 
     g = torch.Generator().manual_seed(1)
     w = torch.randn(n, n, generator=g) * 0.02
     x = torch.randn(2 * n, n, generator=g)
     h = (x.T @ x / x.shape[0]).double()
-    print(f"\none {n} x {n} layer, LDLQ + RHT at 2 bits, {torch.get_num_threads()} threads")
-    print(f"  {'codebook':8s} {'total s':>8s} {'inv chol s':>10s} {'rounding s':>10s} {'other s':>8s} "
-          f"{'proxy loss':>10s} {'bits/w':>7s}")
+    names = ["rotations", "scales", "cholesky", "rounding", "proxy loss", "other"]
+    print(f"\none {n} x {n} layer, LDLQ + RHT at 2 bits, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f} (wall s; CPU s in parentheses; idle 2 cores: wall ~ CPU / 2)")
+    print(f"  {'codebook':8s} {'total':>13s} " + " ".join(f"{s:>13s}" for s in names) + f" {'proxy':>7s} {'bits/w':>7s}")
     for cbk in ("uniform", "e8"):
-        with timed_ldlq_core({}) as acc:
-            t = time.perf_counter()
+        with timed_stages({}) as acc:
+            t, c = time.perf_counter(), time.process_time()
             q = quantize_weight(w, h, bits=2, codebook=cbk, method="ldlq", incoherence=True)
-            secs = time.perf_counter() - t
-        chol, rnd = acc.get("inverse_cholesky_upper", 0.0), acc.get("ldlq", 0.0)
-        print(f"  {cbk:8s} {secs:8.1f} {chol:10.1f} {rnd:10.1f} {secs - chol - rnd:8.1f} "
-              f"{q.proxy_loss:10.4f} {q.bits_per_weight:7.3f}")
-        out[f"ldlq_{n}_{cbk}"] = dict(total_seconds=secs, inverse_cholesky_seconds=chol, rounding_seconds=rnd,
+            secs, cpu = time.perf_counter() - t, time.process_time() - c
+        acc["other"] = [secs - sum(v[0] for v in acc.values()), cpu - sum(v[1] for v in acc.values())]
+        cells = " ".join(f"{acc.get(s, [0, 0])[0]:6.1f} ({acc.get(s, [0, 0])[1]:4.1f})" for s in names)
+        print(f"  {cbk:8s} {secs:6.1f} ({cpu:4.1f}) {cells} {q.proxy_loss:7.4f} {q.bits_per_weight:7.3f}")
+        out[f"ldlq_{n}_{cbk}"] = dict(total_seconds=secs, cpu_seconds=cpu, load_average=os.getloadavg()[0],
+                                      stages={k: dict(wall=v[0], cpu=v[1]) for k, v in acc.items()},
                                       proxy_loss=q.proxy_loss, bits_per_weight=q.bits_per_weight)
 
 

@@ -1,6 +1,7 @@
 """Slow float64 pure-torch oracles, one per kernel. Every backend is tested against these.
 
-Other kernel families add their oracles here (hadamard, quantizers, gram / probe products).
+Other kernel families add their oracles here (hadamard, quantizers, gram / probe products), and
+the GPT forward with each position encoding (gpt_forward_reference).
 """
 
 from __future__ import annotations
@@ -10,6 +11,14 @@ import math
 import torch
 
 LN2 = math.log(2.0)
+
+
+def smoothing_constants_reference(alphas, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log(1 - a) and log(a / V) (-inf at a = 0) in float64 (CPU), the oracle's own computation."""
+    a = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1).cpu()
+    log_keep = torch.log1p(-a)
+    log_floor = torch.where(a > 0, torch.log(a) - math.log(vocab_size), torch.full_like(a, -math.inf))
+    return log_keep, log_floor
 
 
 def smoothed_nll_reference(
@@ -36,15 +45,41 @@ def smoothed_nll_reference(
     bad_row = torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | torch.isneginf(lse)
     logp = torch.where(bad_row, torch.full_like(logp, math.nan), logp)
     rank = (x > target_logit[:, None]).sum(-1)
-    a = alphas.to(torch.float64)
-    log_keep = torch.log1p(-a)
-    log_floor = torch.where(a > 0, torch.log(a) - math.log(vocab_size), torch.full_like(a, -math.inf))
+    log_keep, log_floor = (c.to(x.device) for c in smoothing_constants_reference(alphas, vocab_size))
     nll = -torch.logaddexp(log_keep[None, :] + logp[:, None], log_floor[None, :].expand(len(logp), -1)) / LN2
     zero = torch.zeros((), dtype=torch.float64)
     nll = torch.where(valid[:, None], nll, zero)
     logp = torch.where(valid, logp, zero)
     rank = torch.where(valid, rank, torch.zeros_like(rank))
     return nll.to(torch.float32), logp.to(torch.float32), rank.to(torch.int32)
+
+
+def linear_smoothed_nll_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    alphas: torch.Tensor,
+    vocab_size: int,
+    ignore_index: int,
+    max_bytes: int = 64 * 2**20,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Oracle for tokenbounds::linear_smoothed_nll: :func:`smoothed_nll_reference` of the float64
+    logits hidden @ weight[:V].T (+ bias[:V]), in row chunks of at most ``max_bytes`` of logits."""
+    n = hidden.shape[0]
+    w = weight[:vocab_size].to(torch.float64)
+    b = bias[:vocab_size].to(torch.float64) if bias is not None else None
+    rows = max(1, max_bytes // (8 * vocab_size))
+    outs = []
+    for start in range(0, n, rows):
+        logits = hidden[start:start + rows].to(torch.float64) @ w.T
+        if b is not None:
+            logits = logits + b
+        outs.append(smoothed_nll_reference(logits, targets[start:start + rows], alphas, vocab_size, ignore_index))
+    if not outs:
+        return smoothed_nll_reference(hidden.new_zeros((0, vocab_size), dtype=torch.float64), targets,
+                                      alphas, vocab_size, ignore_index)
+    return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
 
 
 # ==================================================================== hadamard / quant (issue 4)
@@ -179,3 +214,87 @@ def spectral_trace_reference(matrix: torch.Tensor, f: str) -> float:
         "log": lambda v: v.abs().log(),
     }[f]
     return float(fn(lam).sum())
+
+
+def gpt_forward_reference(state_dict: dict, config, idx: torch.Tensor) -> torch.Tensor:
+    """Oracle for tokenbounds.models.gpt.GPT: logits [B, T, V] in float64, written from the
+    formulas with explicit loops over heads and no torch.nn module.
+
+    ``config`` is a GPTConfig or a dict with its fields. Pre-LayerNorm blocks (eps 1e-5), exact
+    erf GELU, attention softmax(q k^T / sqrt(d_h) + bias) over j <= i with the position
+    encoding applied by its definition:
+    * learned: x_p = E[token_p] + P[p];
+    * rope (Su et al. 2021, eq. 13-15): q_p -> R_p q_p, k_p -> R_p k_p with R_p the block
+      rotation that turns dimensions (j, j + d_h/2) by p * 10000^(-2j/d_h);
+    * alibi (Press et al. 2022, section 3): bias -m_h (i - j), m_h = 2^(-8h/n) for n heads a power
+      of two, else the n' = 2^floor(log2 n) slopes and the first n - n' odd-indexed slopes of 2n';
+    * none: no bias, no embedding.
+    """
+    cfg = config if isinstance(config, dict) else {
+        k: getattr(config, k) for k in ("n_layer", "n_head", "d_model", "position_encoding")}
+    enc = cfg.get("position_encoding", "learned")
+    n_head, d = int(cfg["n_head"]), int(cfg["d_model"])
+    dh = d // n_head
+    w = {k: v.detach().to(torch.float64).cpu() for k, v in state_dict.items()}
+    idx = idx.cpu()
+    b, t = idx.shape
+
+    def layer_norm(x, name):
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + 1e-5) * w[name + ".weight"] + w[name + ".bias"]
+
+    def linear(x, name):
+        out = x @ w[name + ".weight"].T
+        return out + w[name + ".bias"] if name + ".bias" in w else out
+
+    x = w["tok_emb.weight"][idx]
+    if enc == "learned":
+        x = x + w["pos_emb.weight"][torch.arange(t)][None]
+
+    rot = None
+    if enc == "rope":  # rot[p] is the d_h x d_h rotation R_p
+        half = dh // 2
+        rot = torch.zeros(t, dh, dh, dtype=torch.float64)
+        for p in range(t):
+            for j in range(half):
+                a = p * 10000.0 ** (-2.0 * j / dh)
+                c, s = math.cos(a), math.sin(a)
+                rot[p, j, j], rot[p, j, j + half] = c, -s
+                rot[p, j + half, j], rot[p, j + half, j + half] = s, c
+    slopes = None
+    if enc == "alibi":
+        def geometric(n):
+            start = 2.0 ** (-8.0 / n)
+            return [start ** h for h in range(1, n + 1)]
+        n_pow = 2 ** int(math.floor(math.log2(n_head)))
+        slopes = geometric(n_pow) + [geometric(2 * n_pow)[i] for i in range(0, 2 * n_pow, 2)][: n_head - n_pow]
+
+    i_pos = torch.arange(t, dtype=torch.float64)[:, None]
+    j_pos = torch.arange(t, dtype=torch.float64)[None, :]
+    future = j_pos > i_pos
+    for layer in range(int(cfg["n_layer"])):
+        pre = f"blocks.{layer}."
+        h = layer_norm(x, pre + "ln1")
+        qkv = linear(h, pre + "attn.qkv")
+        q_all, k_all, v_all = qkv[..., :d], qkv[..., d: 2 * d], qkv[..., 2 * d:]
+        heads = []
+        for hh in range(n_head):
+            sl = slice(hh * dh, (hh + 1) * dh)
+            q, k, v = q_all[..., sl], k_all[..., sl], v_all[..., sl]
+            if rot is not None:
+                q = torch.einsum("pij,bpj->bpi", rot, q)
+                k = torch.einsum("pij,bpj->bpi", rot, k)
+            scores = q @ k.transpose(1, 2) / math.sqrt(dh)
+            if slopes is not None:
+                scores = scores - slopes[hh] * (i_pos - j_pos)
+            scores = scores.masked_fill(future, float("-inf"))
+            e = torch.exp(scores - scores.max(-1, keepdim=True).values)
+            heads.append((e / e.sum(-1, keepdim=True)) @ v)
+        x = x + linear(torch.cat(heads, -1), pre + "attn.proj")
+        h = layer_norm(x, pre + "ln2")
+        u = linear(h, pre + "mlp.0")
+        x = x + linear(0.5 * u * (1.0 + torch.erf(u / math.sqrt(2.0))), pre + "mlp.2")
+    x = layer_norm(x, "ln_f")
+    head = w.get("lm_head.weight", w["tok_emb.weight"])
+    return x @ head.T

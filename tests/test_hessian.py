@@ -138,6 +138,8 @@ def test_gauss_newton_is_exact_ggn(gpt_case):
     G = torch.einsum("tvn,tvw,twm->nm", J, Hout, J)
     V = torch.randn(n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(ggn.matmat(V), G @ V, rtol=1e-7, atol=1e-9)
+    assert ggn.quadratic_path == "taylor"  # (J z)^T H_out (J z) by first-order forward mode
+    torch.testing.assert_close(ggn.quadratic_forms(V), ((G @ V) * V).sum(0), rtol=1e-10, atol=1e-12)
     assert float(torch.linalg.eigvalsh(G).min()) > -1e-10
 
 
@@ -173,6 +175,7 @@ def test_hutchinson_on_model_operator(gpt_case):
     _, _, op, H = gpt_case
     exact = reference.spectral_trace_reference(H, "identity")
     est = hutchinson_trace(op, 24, seed=7)
+    assert op.quadratic_path == "taylor"
     dense = hutchinson_trace(H, 24, seed=7)  # same probes -> same samples
     assert est.value == pytest.approx(dense.value, rel=1e-9)
     _within(est, exact)
@@ -308,3 +311,221 @@ def test_sqrt_trace_stats_isotropic_gain_is_one():
     assert stats["ldlq_gain"] == pytest.approx(1.0)
     skew = sqrt_trace_stats(torch.diag(torch.tensor([100.0, 1e-4, 1e-4, 1e-4], dtype=torch.float64)))
     assert skew["ldlq_gain"] < 0.3
+
+
+# ----------------------------------------------------------------------------- Taylor mode
+def _directions(sizes_shapes, V):
+    """[n, k] -> [k, *shape] per parameter (the layout TaylorTape.push takes)."""
+    k = V.shape[1]
+    return [c.reshape(k, *s) for c, s in zip(torch.split(V.T, [math.prod(s) for s in sizes_shapes], dim=1),
+                                           sizes_shapes, strict=True)]
+
+
+def _zoo_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(5, 5), (5, 3), (3,), (5,), (2, 3, 4), (4,)]
+    return [torch.randn(s, dtype=torch.float64, generator=g) * 0.7 for s in shapes]
+
+
+_ZX = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+
+
+def _zoo(ps):
+    """A scalar touching every op with a Taylor rule (and both argument orders of the bilinear ones)."""
+    F = torch.nn.functional
+    A, B, c, g, T, b = ps
+    X = _ZX
+    h = torch.tanh(X @ A)
+    h = F.layer_norm(h, (5,), g, None) + F.layer_norm(h * g, (5,))
+    h = torch.addmm(c, h, B, beta=0.5, alpha=2.0)  # [4, 3]
+    s = torch.softmax(h, -1) + torch.log_softmax(1.5 * h, dim=0)
+    u = torch.sigmoid(h) * torch.erf(h) / (1.5 + h ** 2) + 1 / (2 + torch.exp(-h))
+    v = torch.rsqrt(1 + h * h) + torch.sqrt(2 + torch.sin(h)) + torch.cos(h) * F.silu(h)
+    v = v + F.gelu(h, approximate="tanh") * F.gelu(h) + torch.relu(h + 0.3) * h + torch.log(3 + torch.cos(h))
+    w = torch.where(X[:, :3] > 0, u, v).masked_fill(X[:, 2:] > 1.0, 0.0) + s
+    m = torch.amax(w, dim=1, keepdim=True) - w.mean(0).mean()
+    parts = torch.split(w, [1, 2], dim=1)
+    cat = torch.cat([parts[1], parts[0] * 2, m], dim=1)  # [4, 4]
+    st = torch.stack(torch.unbind(cat, 0), dim=1).transpose(0, 1).permute(1, 0)  # [4, 4]
+    t3 = torch.bmm(T, st[:, :, None].expand(4, 4, 2)[:2] * 1.0)  # [2, 3, 2]
+    idx = torch.tensor([2, 0, 1])
+    picked = t3[:, idx].index_select(2, torch.tensor([1])).squeeze(-1) + t3.gather(1, torch.tensor([[[0], [2], [1]]] * 2))[..., 0]
+    lin = F.linear(cat, torch.outer(b, b[:3].sum() * torch.ones(4, dtype=torch.float64)), b)  # dependent weight and bias
+    tgt = torch.tensor([1, -100, 3, 0])
+    nll = F.cross_entropy(lin, tgt, ignore_index=-100) + F.nll_loss(F.log_softmax(lin, -1), tgt.clamp_min(0), reduction="sum")
+    broadcast = (c + X[:, :3]).sum() ** 2  # a [3] tangent broadcast to [4, 3] before a reduction
+    return nll + picked.sum() + (cat[1:3, ::2] ** 3).sum() / cat.abs().add(1).sum().detach() + st.select(0, 1).sum() ** 2 \
+        + broadcast
+
+
+def test_taylor_tape_op_zoo_matches_exact_hessian():
+    from tokenbounds.hessian.taylor import TaylorTape
+
+    ps = _zoo_params()
+    shapes = [p.shape for p in ps]
+    flat0 = torch.cat([p.reshape(-1) for p in ps])
+
+    def f(flat):
+        return _zoo([c.view(s) for c, s in zip(torch.split(flat, [math.prod(s) for s in shapes]), shapes, strict=True)])
+
+    H = reference.exact_hessian_reference(f, flat0)
+    grad = torch.func.grad(f)(flat0)
+    V = torch.randn(flat0.numel(), 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    tape = TaylorTape(_zoo, ps)
+    d1, d2 = tape.push(_directions(shapes, V))
+    torch.testing.assert_close(d1.reshape(-1), grad @ V, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(d2, ((H @ V) * V).sum(0), rtol=1e-10, atol=1e-10)
+    assert float(tape.out) == pytest.approx(float(f(flat0)), rel=1e-14)
+    # Directions one at a time give the same numbers (block of k == k blocks of one).
+    singles = torch.cat([tape.push(_directions(shapes, V[:, c:c + 1]))[1] for c in range(V.shape[1])])
+    torch.testing.assert_close(singles, d2, rtol=1e-12, atol=1e-12)
+
+
+def test_taylor_negative_control_broken_rule_is_detected(gpt_case, monkeypatch):
+    """Dropping GELU's second derivative must break the oracle comparison (the test can fail)."""
+    from tokenbounds.hessian import taylor
+
+    model, tokens, _, H = gpt_case
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    exact = ((H @ V) * V).sum(0)
+    monkeypatch.setitem(taylor._RULES, torch.ops.aten.gelu.default,
+                        taylor._unary(lambda x, y, approximate="none": (taylor._gelu_derivs(x, y)[0], 0 * x)))
+    broken = ModelHessian(model, tokens, quadratic="taylor").quadratic_forms(V)
+    assert not torch.allclose(broken, exact, rtol=1e-4, atol=1e-6)
+
+
+def test_taylor_quadratic_forms_match_exact(gpt_case):
+    model, tokens, op, H = gpt_case
+    V = torch.randn(H.shape[0], 7, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    exact = ((H @ V) * V).sum(0)
+    taylor = ModelHessian(model, tokens, probe_block=3)  # 3 + 3 + 1: blocks and the cached tape
+    torch.testing.assert_close(taylor.quadratic_forms(V), exact, rtol=1e-10, atol=1e-10)
+    assert taylor.quadratic_path == "taylor"
+    hvp = ModelHessian(model, tokens, quadratic="hvp")
+    torch.testing.assert_close(hvp.quadratic_forms(V), exact, rtol=1e-10, atol=1e-10)
+    assert hvp.quadratic_path == "hvp"
+    two = ModelHessian(model, [tokens[:4], tokens[4:]])
+    ref = 0.5 * (ModelHessian(model, tokens[:4], quadratic="hvp").quadratic_forms(V)
+                 + ModelHessian(model, tokens[4:], quadratic="hvp").quadratic_forms(V))
+    torch.testing.assert_close(two.quadratic_forms(V), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_hutchinson_uses_quadratic_forms_not_matvecs(gpt_case, monkeypatch):
+    model, tokens, _, H = gpt_case
+    op = ModelHessian(model, tokens)
+    monkeypatch.setattr(op, "matmat", lambda V: pytest.fail("Hutchinson formed H z"))
+    est = hutchinson_trace(op, 10, seed=3)
+    assert est.value == pytest.approx(hutchinson_trace(H, 10, seed=3).value, rel=1e-9)
+
+
+class _WithCumsum(nn.Module):
+    """A model whose forward reaches ops without a Taylor rule (cumsum) or mutates in place."""
+
+    def __init__(self, inner: nn.Module, inplace: bool):
+        super().__init__()
+        self.inner, self.inplace = inner, inplace
+
+    def forward(self, x):
+        logits = self.inner(x)
+        if self.inplace:
+            logits = logits.clone()
+            logits.mul_(1.5)
+            return logits
+        return torch.cumsum(logits, dim=-1) * 0.1 + logits
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_taylor_falls_back_to_hvp_when_an_op_has_no_rule(gpt_case, inplace):
+    model, tokens, _, _ = gpt_case
+    wrapped = _WithCumsum(model, inplace)
+    V = torch.randn(sum(p.numel() for p in wrapped.parameters()), 2, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(8))
+    auto = ModelHessian(wrapped, tokens)
+    got = auto.quadratic_forms(V)
+    assert auto.quadratic_path == "hvp"
+    assert ("cumsum" if not inplace else "in-place") in auto.taylor_unsupported
+    ref = (ModelHessian(wrapped, tokens, quadratic="hvp").matmat(V) * V).sum(0)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="quadratic='hvp'"):
+        ModelHessian(wrapped, tokens, quadratic="taylor").quadratic_forms(V)
+
+
+def test_batched_probes_match_one_probe_at_a_time(gpt_case):
+    """is_grads_batched / vmap blocks vs one backward per probe, float64 (autograd, func, GGN)."""
+    model, tokens, _, H = gpt_case
+    V = torch.randn(H.shape[0], 5, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    one = ModelHessian(model, tokens, probe_block=1).matmat(V)
+    batched = ModelHessian(model, tokens, probe_block=5)
+    torch.testing.assert_close(batched.matmat(V), one, rtol=1e-10, atol=1e-12)
+    assert batched._batched_ok  # the block really went through one batched backward
+    func = ModelHessian(model, tokens, method="func", probe_block=5).matmat(V)
+    torch.testing.assert_close(func, one, rtol=1e-10, atol=1e-12)
+    small = tokens[:2]
+    g_one = GaussNewton(model, small, probe_block=1).matmat(V)
+    g_batched = GaussNewton(model, small, probe_block=5)
+    torch.testing.assert_close(g_batched.matmat(V), g_one, rtol=1e-10, atol=1e-12)
+    assert g_batched._batched_ok
+
+
+def test_automatic_path_choice(gpt_case, monkeypatch):
+    from tokenbounds.hessian import operators
+
+    model, tokens, _, _ = gpt_case
+    op = ModelHessian(model, tokens)
+    assert op.probe_block == operators.MAX_PROBE_BLOCK  # a small model: one pass for 16 probes
+    monkeypatch.setattr(operators, "PROBE_BLOCK_BYTES", 4 * op.shape[0] * 8 * 3)  # room for 3 float64 probes
+    assert ModelHessian(model, tokens).probe_block == 3
+    monkeypatch.setattr(operators, "PROBE_BLOCK_BYTES", 1)
+    assert GaussNewton(model, tokens).probe_block == 1
+    assert op.method == "auto"  # per block, the faster HVP path in benchmarks/bench_hessian.py
+    assert op.method_for(operators.FUNC_MIN_BLOCK) == "func" and op.method_for(operators.FUNC_MIN_BLOCK - 1) == "autograd"
+    assert ModelHessian(model, tokens, method="autograd").method_for(16) == "autograd"
+    V = torch.randn(op.shape[0], operators.FUNC_MIN_BLOCK, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    big = ModelHessian(model, tokens, probe_block=operators.FUNC_MIN_BLOCK)  # one func block
+    torch.testing.assert_close(big.matmat(V), ModelHessian(model, tokens, method="autograd").matmat(V),
+                               rtol=1e-10, atol=1e-12)
+    assert big._func_ok
+    assert op.quadratic == "auto" and op.quadratic_path == "taylor"
+    assert ModelHessian(model, tokens, method="func").method == "func"
+    with pytest.raises(ValueError, match="quadratic"):
+        ModelHessian(model, tokens, quadratic="bogus")
+    assert GaussNewton(model, tokens).quadratic_path == "taylor"
+
+
+@pytest.mark.slow  # importing transformers alone takes ~15 s here
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gptneox"])
+def test_taylor_covers_hugging_face_models(tmp_path, family):
+    """Every op of the tiny HF causal LMs has a rule; Taylor forms equal z . H z (float64)."""
+    pytest.importorskip("transformers")
+    from _tiny_models import tiny_hf
+
+    model = tiny_hf(family, str(tmp_path), vocab=40).double().eval()
+    tokens = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(1))
+    op = ModelHessian(model, tokens)
+    got = op.quadratic_forms(V)
+    assert op.quadratic_path == "taylor", op.taylor_unsupported
+    ref = ModelHessian(model, tokens, quadratic="hvp").quadratic_forms(V)
+    # Llama's RMSNorm computes in float32 even in a float64 model, in both paths.
+    tol = 1e-5 if family == "llama" else 1e-10
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    ggn = GaussNewton(model, tokens)
+    torch.testing.assert_close(ggn.quadratic_forms(V), (ggn.matmat(V) * V).sum(0), rtol=tol, atol=0.0)
+    assert ggn.quadratic_path == "taylor"
+
+
+def test_taylor_tape_validates_directions():
+    from tokenbounds.hessian import TaylorTape
+
+    ps = _zoo_params()
+    tape = TaylorTape(_zoo, ps)
+    good = [torch.zeros(2, *p.shape, dtype=torch.float64) for p in ps]
+    with pytest.raises(ValueError, match="direction tensors"):
+        tape.push(good[:-1])
+    with pytest.raises(ValueError, match=r"directions\[1\] must be"):
+        tape.push([good[0], torch.zeros(2, 3, 5, dtype=torch.float64), *good[2:]])
+    with pytest.raises(ValueError, match="scalar"):
+        TaylorTape(lambda q: q[0] * 2, ps)
+    d1, d2 = tape.push(good)
+    assert d1.shape == (2,) and torch.equal(d2, torch.zeros(2, dtype=torch.float64))

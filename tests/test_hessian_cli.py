@@ -37,12 +37,24 @@ def test_cli_writes_json_and_png(tiny, capsys):
     assert rc == 0
     res = json.loads((out / "hessian.json").read_text())
     assert res["num_parameters"] == sum(p.numel() for p in GPT.load(str(tiny / "model")).parameters())
+    assert res["quadratic_path"] == "taylor"
     for key in ("trace_hutchinson", "trace_hutchpp", "slq_identity", "slq_sqrt_abs", "slq_sqrt_clamped"):
         e = res["estimates"][key]
         assert np.isfinite(e["value"]) and e["stderr"] >= 0 and e["num_matvecs"] > 0
     assert {r["layer"] for r in res["quip_table"]} >= {"blocks.0.mlp.0", "lm_head"}
     assert (out / "spectral_density.png").read_bytes()[:4] == b"\x89PNG"
     assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_passes_operator_flags_through(tiny):
+    """--operator ggn --quadratic hvp reach the operator (the paths themselves: tests/test_hessian.py)."""
+    out = tiny / "ggn"
+    assert main(["hessian", "--model", str(tiny / "model"), "--data", str(tiny / "train.bin"), "--batch-size", "2",
+                 "--seq-len", "8", "--num-matvecs", "6", "--num-probes", "2", "--lanczos-steps", "4", "--no-quip",
+                 "--operator", "ggn", "--quadratic", "hvp", "--out", str(out)]) == 0
+    res = json.loads((out / "hessian.json").read_text())
+    assert res["operator"] == "ggn" and res["quadratic_path"] == "hvp"
+    assert res["estimates"]["trace_hutchinson"]["value"] > 0  # the Gauss-Newton matrix is PSD
 
 
 def test_cli_rejects_bad_inputs(tiny, capsys):

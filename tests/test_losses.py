@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -11,9 +12,13 @@ import numpy as np
 import pytest
 import tokenbounds as tb
 import torch
+from _linear_oracle import assert_linear_matches_oracle
 from hypothesis import given
 from hypothesis import strategies as st
+from tokenbounds import reference
 from tokenbounds.ops._dispatch import has_op
+from tokenbounds.ops._fakes import registered_fakes
+from tokenbounds.ops.losses import smoothing_constants
 from tokenbounds.reference import smoothed_nll_reference
 
 CPU_BACKENDS = ["cpu", "reference"] if has_op("smoothed_nll", "cpu") else ["reference"]
@@ -123,6 +128,17 @@ def test_every_simd_path_matches_oracle(isa):
         "        assert torch.equal(out.rank, r[2]), (v, dt)\n"
         "        ok = torch.isfinite(r[1])\n"
         "        assert (out.logp - r[1])[ok].abs().max() < 1e-4 * max(1.0, float(r[1][ok].abs().max())), (v, dt)\n"
+        # the fused head: the AVX2 GEMM, or the chunked BLAS fallback on the scalar path
+        f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+        "from _linear_oracle import assert_linear_matches_oracle\n"
+        "h = torch.randn(40, 300, generator=g); w = torch.randn(1001, 300, generator=g) / 17\n"
+        "b = torch.randn(1001, generator=g); tt = torch.randint(0, 990, (40,), generator=g); tt[3] = -100\n"
+        "out = tb.linear_smoothed_nll(h, w, tt, (0.0, 1e-3, 0.5), bias=b, vocab_size=990, backend='cpu')\n"
+        "assert_linear_matches_oracle(out, h, w, b, tt, (0.0, 1e-3, 0.5), 990)\n"
+        "hb, wb, bb = h.bfloat16(), w.bfloat16(), b.bfloat16()  # the fallback's GEMM rounds logits to bf16\n"
+        "out = tb.linear_smoothed_nll(hb, wb, tt, (0.0, 0.5), bias=bb, vocab_size=990, backend='cpu')\n"
+        "r = tb.linear_smoothed_nll(hb, wb, tt, (0.0, 0.5), bias=bb, vocab_size=990, backend='reference')\n"
+        "assert (out.logp - r.logp).abs().max() < 0.05\n"
         "print(_C.cpu_isa())\n"
     )
     env = dict(os.environ, TOKENBOUNDS_CPU_ISA=isa)
@@ -218,40 +234,207 @@ def test_nan_rows_are_reported(backend):
     tb.smoothed_nll(x, torch.tensor([0, -100, 2, 3]), backend=backend)
 
 
-def test_torch_compile_traces_the_custom_op():
-    if not has_op("smoothed_nll", "cpu"):
-        pytest.skip("extension not built")
+def _op_args(n=5, v=11, d=7, dtype=torch.float32, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g).to(dtype)
+    w = torch.randn(v + 2, d, generator=g).to(dtype)
+    b = torch.randn(v + 2, generator=g).to(dtype) if bias else None
+    t = torch.randint(0, v, (n,), generator=g)
+    t[0] = -100
+    keep, floor = smoothing_constants(ALPHAS, v)
+    return h, w, b, t, keep, floor, v
+
+
+@pytest.mark.skipif(not has_op("smoothed_nll", "cpu"), reason="extension not built")
+def test_ops_trace_under_fake_tensors():
+    """Every loss op exists on the CPU build with a fake kernel (torch.compile traces through it)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    for op in ("smoothed_nll", "linear_smoothed_nll"):
+        assert has_op(op, "cpu")
+    assert registered_fakes() == {op: True for op in registered_fakes()}
     with FakeTensorMode():
-        x = torch.empty(5, 11)
+        keep, floor = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
         t = torch.zeros(5, dtype=torch.long)
-        nll, logp, rank = torch.ops.tokenbounds.smoothed_nll(x, t, torch.zeros(3, dtype=torch.float64), 11, -100)
-    assert nll.shape == (5, 3) and logp.shape == (5,) and rank.dtype == torch.int32
+        nll, logp, rank = torch.ops.tokenbounds.smoothed_nll(torch.empty(5, 11), t, keep, floor, 11, -100)
+        assert nll.shape == (5, 3) and logp.shape == (5,) and rank.dtype == torch.int32
+        nll, logp, rank = torch.ops.tokenbounds.linear_smoothed_nll(
+            torch.empty(5, 4), torch.empty(11, 4), None, t, keep, floor, 11, -100, 2**20)
+        assert nll.shape == (5, 3) and logp.dtype == torch.float32 and rank.shape == (5,)
+
+
+@pytest.mark.skipif(not has_op("smoothed_nll", "cpu"), reason="extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    """torch.library.opcheck: schema, fake kernel vs real kernel, AOT dispatch with dynamic shapes."""
+    h, w, b, t, keep, floor, v = _op_args(dtype=dtype)
+    logits = (h.float() @ w.float().T).to(dtype)
+    torch.library.opcheck(torch.ops.tokenbounds.smoothed_nll.default, (logits, t, keep, floor, v, -100))
+    for bias in (b, None):
+        torch.library.opcheck(torch.ops.tokenbounds.linear_smoothed_nll.default,
+                              (h, w, bias, t, keep, floor, v, -100, 2**20))
+
+
+def test_smoothing_constants_follow_the_header():
+    """log(1 - a) and log(a / V), -inf at a = 1 and a = 0: the same on every path."""
+    keep, floor = smoothing_constants((0.0, 0.25, 1.0), 1000)
+    assert keep.dtype == torch.float64
+    assert keep.tolist() == [0.0, math.log1p(-0.25), -math.inf]
+    assert floor.tolist() == [-math.inf, math.log(0.25) - math.log(1000), -math.log(1000)]
+    ref_keep, ref_floor = reference.smoothing_constants_reference((0.0, 0.25, 1.0), 1000)
+    assert torch.equal(keep, ref_keep) and torch.equal(floor, ref_floor)
 
 
 # ---------------------------------------------------------------- fused linear head
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@given(
-    n=st.integers(0, 50),
-    d=st.sampled_from([1, 8, 33]),
-    v=st.sampled_from([1, 5, 130, 1001]),
-    pad=st.sampled_from([0, 7]),
-    use_bias=st.booleans(),
-    max_bytes=st.sampled_from([None, 1, 4096]),
-    seed=st.integers(0, 1000),
-)
-def test_linear_smoothed_nll_matches_materialised_logits(backend, n, d, v, pad, use_bias, max_bytes, seed):
+LINEAR_BACKENDS = ["cpu", "reference"] if has_op("linear_smoothed_nll", "cpu") else ["reference"]
+
+
+@st.composite
+def linear_case(draw):
+    """(hidden, weight, bias, targets, vocab): shapes around the kernel's blocks (16 tokens,
+    48 / 6 vocabulary rows, 256-deep passes), padded vocabularies and adversarial values."""
+    n = draw(st.sampled_from([0, 1, 5, 16, 17, 40, 300]))
+    d = draw(st.sampled_from([0, 1, 8, 33, 255, 256, 257, 520]))
+    v = draw(st.sampled_from([1, 5, 47, 48, 49, 130, 1001]))
+    pad = draw(st.sampled_from([0, 7]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    use_bias = draw(st.booleans())
+    kind = draw(st.sampled_from(["plain", "plain", "huge", "neginf", "far", "ties", "ignore"]))
+    seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, d, generator=g)
-    w = torch.randn(v + pad, d, generator=g)
-    b = torch.randn(v + pad, generator=g) if use_bias else None
+    w = torch.randn(v + pad, d, generator=g) / math.sqrt(max(d, 1))
+    b = torch.randn(v + pad, generator=g) if use_bias or kind in ("neginf", "far") else None
+    w[v:] = 50.0  # padded vocabulary rows would dominate if they were read
     t = torch.randint(0, v, (n,), generator=g)
-    if n > 2:
-        t[1] = -100
+    if kind == "huge":  # logits of order 1e3-1e4: peaked rows, p_y may underflow
+        w = w * 3e3
+    elif kind == "neginf" and n:  # masked vocabulary entries; the first target masked too (p_y = 0)
+        b[torch.rand(v + pad, generator=g) < 0.3] = -math.inf
+        finite = torch.nonzero(torch.isfinite(b[:v]))[:, 0]
+        if finite.numel() == 0:
+            b[0] = 0.0
+            finite = torch.tensor([0])
+        t = finite[torch.randint(0, finite.numel(), (n,), generator=g)]
+        t[0] = int(torch.nonzero(torch.isinf(b[:v]))[0, 0]) if bool(torch.isinf(b[:v]).any()) else t[0]
+    elif kind == "far" and n:  # the target logit 100 nats below the others: the kernel moves its reference
+        b[t] = -100.0
+    elif kind == "ties":  # integer-valued logits: exact ties with the target
+        h, w = torch.round(h * 2), torch.round(w * 2)
+        b = torch.round(b) if b is not None else None
+    elif kind == "ignore" and n:
+        t[torch.rand(n, generator=g) < 0.4] = -100
+    h, w = h.to(dtype), w.to(dtype)
+    if dtype == torch.float16:
+        h, w = h.clamp(-6e4, 6e4), w.clamp(-6e4, 6e4)
+    b = b.to(dtype) if b is not None else None
+    return h, w, b, t, v
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+@given(case=linear_case(), max_bytes=st.sampled_from([None, 1, 4096, 2**22]))
+def test_linear_smoothed_nll_matches_oracle(backend, case, max_bytes):
+    h, w, b, t, v = case
     out = tb.linear_smoothed_nll(h, w, t, ALPHAS, bias=b, vocab_size=v, max_bytes=max_bytes, backend=backend)
-    logits = h @ w.t() + (b if b is not None else 0)
-    assert_close_to_oracle(out, logits, t, v)
+    assert out.nll_bits.shape == (h.shape[0], len(ALPHAS))
+    assert_linear_matches_oracle(out, h, w, b, t, ALPHAS, v)
+
+
+@pytest.mark.skipif(not has_op("linear_smoothed_nll", "cpu"), reason="extension not built")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_op_work_split(threads):
+    """Token blocks, vocabulary slices (fewer blocks than threads) and small max_bytes give one answer."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, d, v in ((3, 300, 5000), (40, 64, 2000), (600, 32, 777)):
+            h, w, b, t, keep, floor, _ = _op_args(n=n, v=v, d=d, seed=n)
+            outs = [torch.ops.tokenbounds.linear_smoothed_nll(h, w, b, t, keep, floor, v, -100, mb)
+                    for mb in (2**26, 4096, 1)]
+            for o in outs:
+                assert_linear_matches_oracle(o, h, w, b, t, ALPHAS, v)
+            for o in outs[1:]:  # x_t, the ranks and the sums do not depend on the split
+                assert torch.equal(o[2], outs[0][2])
+                torch.testing.assert_close(o[1], outs[0][1], rtol=1e-6, atol=1e-6)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+def test_linear_far_and_masked_targets(backend):
+    """Target logits far below the others (the CPU kernel moves its exp reference) and masked
+    targets (bias -inf: p_y = 0, finite smoothed loss), next to ordinary rows."""
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(37, 40, generator=g), torch.randn(500, 40, generator=g) / 6
+    b = torch.zeros(500)
+    t = torch.randint(0, 500, (37,), generator=g)
+    b[t[:10]] = -200.0  # p_y ~ e^-200
+    b[t[10:15]] = -math.inf
+    b[t[15:18]] = 300.0  # dominant targets
+    out = tb.linear_smoothed_nll(h, w, t, ALPHAS, bias=b, backend=backend)
+    assert torch.isneginf(out.logp[10:15]).all() and torch.isfinite(out.nll_bits[10:15, 1:]).all()
+    assert (out.logp[:10] < -150).all()
+    assert_linear_matches_oracle(out, h, w, b, t, ALPHAS, 500)
+
+
+def test_linear_oracle_check_can_fail():
+    """Negative control: the oracle check rejects a log p off by 1e-3 nats and a rank off by one."""
+    g = torch.Generator().manual_seed(6)
+    h, w = torch.randn(8, 16, generator=g), torch.randn(300, 16, generator=g) / 4
+    t = torch.randint(0, 300, (8,), generator=g)
+    out = tb.linear_smoothed_nll(h, w, t, ALPHAS)
+    assert_linear_matches_oracle(out, h, w, None, t, ALPHAS, 300)
+    for field, delta in (("logp", 1e-3), ("rank", 1)):
+        bad = dataclasses.replace(out, **{field: getattr(out, field) + delta})
+        with pytest.raises(AssertionError):
+            assert_linear_matches_oracle(bad, h, w, None, t, ALPHAS, 300)
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+def test_linear_smoothed_nll_benchmark_shape(backend):
+    """Real vocabulary and depth (V = 32000, D = 1024) on a few hundred tokens."""
+    g = torch.Generator().manual_seed(3)
+    n = 40 if backend == "reference" else 120
+    h = torch.randn(n, 1024, generator=g) / 32
+    w = torch.randn(32000, 1024, generator=g)
+    t = torch.randint(0, 32000, (n,), generator=g)
+    out = tb.linear_smoothed_nll(h, w, t, ALPHAS, backend=backend)
+    assert_linear_matches_oracle(out, h, w, None, t, ALPHAS, 32000)
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+def test_linear_bad_values_are_reported(backend):
+    h = torch.randn(5, 8)
+    w = torch.randn(20, 8)
+    b = torch.zeros(20)
+    t = torch.tensor([0, 1, 2, 3, -100])
+    h[1, 2] = math.nan  # NaN logits in row 1
+    b[7] = math.inf  # a +inf logit in every row
+    with pytest.raises(ValueError, match="4 rows of hidden @ weight.T contain NaN"):
+        tb.linear_smoothed_nll(h, w, t, bias=b, backend=backend)
+    b[7] = 0.0
+    with pytest.raises(ValueError, match="1 rows of hidden @ weight.T contain NaN"):
+        tb.linear_smoothed_nll(h, w, t, bias=b, backend=backend)
+    # every logit -inf: no distribution at all
+    with pytest.raises(ValueError, match="4 rows"):
+        tb.linear_smoothed_nll(torch.randn(5, 8), w, t, bias=torch.full((20,), -math.inf), backend=backend)
+    # an ignored NaN row is not an error
+    t[1] = -100
+    out = tb.linear_smoothed_nll(h, w, t, bias=b, backend=backend)
+    assert out.logp[1] == 0 and out.rank[1] == 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_linear_smoothed_nll_matches_materialised_logits(backend):
+    """The fused head equals smoothed_nll of the logits it never stores (within GEMM rounding)."""
+    g = torch.Generator().manual_seed(4)
+    h, w, b = torch.randn(2, 30, 64, generator=g), torch.randn(1000, 64, generator=g) / 8, torch.randn(1000, generator=g)
+    t = torch.randint(0, 990, (2, 30), generator=g)
+    fused = tb.linear_smoothed_nll(h, w, t, ALPHAS, bias=b, vocab_size=990, backend=backend)
+    plain = tb.smoothed_nll(h @ w.T + b, t, ALPHAS, vocab_size=990, backend=backend)
+    torch.testing.assert_close(fused.logp, plain.logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.nll_bits, plain.nll_bits, rtol=1e-5, atol=1e-5)
+    assert (fused.rank - plain.rank).abs().max() <= 1
 
 
 def test_linear_smoothed_nll_bad_input():

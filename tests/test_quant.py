@@ -109,7 +109,8 @@ def test_ldlq_beats_rtn_on_correlated_inputs(codebook, bits, incoherence):
     q_rtn = quantize_weight(w, h, method="rtn", **kw)
     q_ldlq = quantize_weight(w, h, method="ldlq", **kw)
     assert q_ldlq.proxy_loss < q_rtn.proxy_loss
-    assert q_ldlq.proxy_loss == pytest.approx(proxy_loss(w, q_ldlq.dequantize(), h), rel=1e-9)
+    # quantize_weight evaluates the proxy with a float32 copy of H (float32 Gram products)
+    assert q_ldlq.proxy_loss == pytest.approx(proxy_loss(w, q_ldlq.dequantize(), h), rel=1e-5)
     assert q_ldlq.dequantize().shape == w.shape and q_ldlq.dequantize().dtype == w.dtype
 
 
@@ -300,3 +301,14 @@ def test_quantize_model_rtn_e8_and_skip():
         t.numel() for n, t in m.state_dict().items() if n not in qm.layers)
     m2 = qm.load_into(QKV())
     assert torch.equal(m2.out.weight, m.out.weight)
+
+
+def test_hessians_are_not_shared_through_a_reused_address():
+    """Regression: a freed layer input's memory can hold the next layer's input (same address,
+    shape and strides); collect_hessians took them for one tensor and gave mlp.0 the H of proj."""
+    from tokenbounds.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, context_length=16, n_layer=2, n_head=2, d_model=16)).eval()
+    _, owner = collect_hessians(model, torch.randint(0, 64, (8, 16)))
+    assert all(owner[n] == n for n in owner), owner

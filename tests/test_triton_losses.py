@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenbounds.ops._dispatch import triton_runs_on
+from tokenbounds.ops.losses import smoothing_constants
 from tokenbounds.reference import smoothed_nll_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -36,6 +37,11 @@ if triton_runs_on(DEVICE):
 
 def _alphas(values=ALPHAS) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64, device=DEVICE)
+
+
+def _consts(vocab: int, values=ALPHAS) -> tuple[torch.Tensor, torch.Tensor]:
+    """log(1 - a), log(a / V): what the dispatcher passes to every backend."""
+    return smoothing_constants(values, vocab, DEVICE)
 
 
 def _assert_close(out, ref, *, atol_nats: float = 5e-5, exact_rank: bool = True) -> None:
@@ -95,7 +101,7 @@ def test_rows_match_reference(case, block):
     logits, targets, vocab = case
     alphas = _alphas()
     ref = smoothed_nll_reference(logits, targets, alphas, vocab, IGNORE)
-    out = smoothed_nll_triton(logits, targets, alphas, vocab, IGNORE, block=block)
+    out = smoothed_nll_triton(logits, targets, *_consts(vocab), vocab, IGNORE, block=block)
     _assert_close(out, ref)
     if block is None:  # the public API with the backend forced runs the same kernel
         losses = tokenbounds.smoothed_nll(logits, targets, ALPHAS, vocab_size=vocab, backend="triton")
@@ -131,7 +137,7 @@ def test_rows_adversarial(dtype):
     alphas = _alphas()
     ref = smoothed_nll_reference(logits, targets, alphas, vocab, IGNORE)
     for block in (None, 128):
-        out = smoothed_nll_triton(logits, targets, alphas, vocab, IGNORE, block=block)
+        out = smoothed_nll_triton(logits, targets, *_consts(vocab), vocab, IGNORE, block=block)
         _assert_close(out, ref)
     nll, logp, rank = out
     assert math.isinf(nll[2, 0]) and nll[2, 0] > 0 and torch.isfinite(nll[2, 1:]).all()
@@ -152,7 +158,7 @@ def test_rows_bad_values_give_nan_and_api_raises(dtype):
     x[2, :] = -math.inf
     x[4, 3] = float("nan")  # ignored row: not an error
     logits, targets = x.to(DEVICE), t.to(DEVICE)
-    nll, logp, rank = smoothed_nll_triton(logits, targets, _alphas(), vocab, IGNORE)
+    nll, logp, rank = smoothed_nll_triton(logits, targets, *_consts(vocab), vocab, IGNORE)
     assert torch.isnan(logp[:3]).all() and torch.isnan(nll[:3]).all()
     assert torch.isfinite(logp[3]) and logp[4] == 0 and (nll[4] == 0).all()
     with pytest.raises(ValueError, match="3 rows"):
@@ -167,21 +173,21 @@ def test_one_row_per_program_as_on_gpu():
     t = torch.tensor([0, vocab - 1, IGNORE, 5, 7])
     x, t = x.to(DEVICE), t.to(DEVICE)
     ref = smoothed_nll_reference(x, t, _alphas(), vocab, IGNORE)
-    _assert_close(smoothed_nll_triton(x, t, _alphas(), vocab, IGNORE, block=64, rows_per_program=1), ref)
+    _assert_close(smoothed_nll_triton(x, t, *_consts(vocab), vocab, IGNORE, block=64, rows_per_program=1), ref)
     h, w = torch.randn(5, 20, device=DEVICE), torch.randn(vocab, 20, device=DEVICE)
     _, ref = _linear_reference(h, w, t, _alphas(), vocab)
-    out = linear_smoothed_nll_triton(h, w, t, _alphas(), vocab, IGNORE, rows_per_program=1)
+    out = linear_smoothed_nll_triton(h, w, None, t, *_consts(vocab), vocab, IGNORE, rows_per_program=1)
     _assert_close(out, ref, atol_nats=2e-4, exact_rank=False)
 
 
 def test_rows_empty_and_no_alphas():
     x = torch.randn(0, 50, device=DEVICE)
     t = torch.zeros(0, dtype=torch.int64, device=DEVICE)
-    nll, logp, rank = smoothed_nll_triton(x, t, _alphas(), 50, IGNORE)
+    nll, logp, rank = smoothed_nll_triton(x, t, *_consts(50), 50, IGNORE)
     assert nll.shape == (0, len(ALPHAS)) and logp.shape == (0,) and rank.shape == (0,)
     x = torch.randn(3, 50, device=DEVICE)
     t = torch.tensor([0, 49, 7], device=DEVICE)
-    out = smoothed_nll_triton(x, t, _alphas(()), 50, IGNORE)
+    out = smoothed_nll_triton(x, t, *_consts(50, ()), 50, IGNORE)
     _assert_close(out, smoothed_nll_reference(x, t, _alphas(()), 50, IGNORE))
     assert out[0].shape == (3, 0)
 
@@ -189,8 +195,10 @@ def test_rows_empty_and_no_alphas():
 # ------------------------------------------------------------------------------ fused linear
 
 
-def _linear_reference(hidden, weight, targets, alphas, vocab):
+def _linear_reference(hidden, weight, targets, alphas, vocab, bias=None):
     logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
     return logits, smoothed_nll_reference(logits, targets, alphas, vocab, IGNORE)
 
 
@@ -220,6 +228,10 @@ def linear_cases(draw):
         h = g.standard_normal((n, d)).astype(np.float32) * 2
         w = g.standard_normal((vocab + pad, d)).astype(np.float32) / math.sqrt(d)
     w[vocab:] = 50.0  # padded vocabulary rows would dominate if they were not masked
+    bias = None
+    if draw(st.booleans()):
+        bias = g.integers(-2, 3, vocab + pad).astype(np.float32) if integer_valued else g.standard_normal(vocab + pad)
+        bias = torch.tensor(bias, dtype=torch.float32).to(dtype).to(DEVICE)
     targets = g.integers(0, vocab, n)
     if n:
         targets[g.random(n) < 0.15] = 0
@@ -227,18 +239,18 @@ def linear_cases(draw):
         targets[g.random(n) < 0.15] = IGNORE
     hidden = torch.tensor(h).to(dtype).to(DEVICE)
     weight = torch.tensor(w).to(dtype).to(DEVICE)
-    return hidden, weight, torch.tensor(targets, dtype=torch.int64, device=DEVICE), vocab, integer_valued
+    return hidden, weight, bias, torch.tensor(targets, dtype=torch.int64, device=DEVICE), vocab, integer_valued
 
 
 @settings(max_examples=40)
 @given(case=linear_cases(), blocks=st.sampled_from([(None, None, None), (16, 32, 16)]),
        max_bytes=st.sampled_from([None, 1, 2000]))
 def test_linear_matches_reference(case, blocks, max_bytes):
-    hidden, weight, targets, vocab, exact = case
+    hidden, weight, bias, targets, vocab, exact = case
     alphas = _alphas()
-    logits64, ref = _linear_reference(hidden, weight, targets, alphas, vocab)
+    logits64, ref = _linear_reference(hidden, weight, targets, alphas, vocab, bias)
     bn, bv, bd = blocks
-    out = linear_smoothed_nll_triton(hidden, weight, targets, alphas, vocab, IGNORE,
+    out = linear_smoothed_nll_triton(hidden, weight, bias, targets, *_consts(vocab), vocab, IGNORE,
                                      max_bytes=max_bytes, block_n=bn, block_v=bv, block_d=bd)
     _assert_close(out, ref, atol_nats=2e-4, exact_rank=exact)
     if not exact:  # accumulation order may flip logits within rounding of the target's
@@ -246,8 +258,8 @@ def test_linear_matches_reference(case, blocks, max_bytes):
         diff = (out[2].cpu().long() - ref[2].cpu().long()).abs()
         assert (diff <= slack.clamp(min=0)).all()
     if bn is None and max_bytes is None:
-        losses = tokenbounds.linear_smoothed_nll(hidden, weight, targets, ALPHAS, vocab_size=vocab,
-                                                 backend="triton")
+        losses = tokenbounds.linear_smoothed_nll(hidden, weight, targets, ALPHAS, bias=bias,
+                                                 vocab_size=vocab, backend="triton")
         assert torch.equal(losses.nll_bits, out[0]) and torch.equal(losses.rank, out[2])
 
 
@@ -266,10 +278,10 @@ def test_linear_never_allocates_n_by_v(monkeypatch):
         return t
 
     monkeypatch.setattr(torch, "empty", recording_empty)
-    out = linear_smoothed_nll_triton(hidden, weight, targets, _alphas(), vocab, IGNORE)
+    out = linear_smoothed_nll_triton(hidden, weight, None, targets, *_consts(vocab), vocab, IGNORE)
     assert sizes and max(sizes) <= n * vocab // 64  # partial buffers: N x ceil(V / 128)
     sizes.clear()  # a budget below the full workspace gives chunks of one row tile
-    chunked = linear_smoothed_nll_triton(hidden, weight, targets, _alphas(), vocab, IGNORE,
+    chunked = linear_smoothed_nll_triton(hidden, weight, None, targets, *_consts(vocab), vocab, IGNORE,
                                          max_bytes=3000, block_n=16)
     monkeypatch.undo()
     assert max(sizes) <= 16 * math.ceil(vocab / 128)
@@ -290,7 +302,7 @@ def test_linear_bad_values_and_ignored_rows(dtype):
     weight[40] = 0.0  # logit exactly 0 (and inf * 0 = NaN in row 2)
     targets = torch.tensor([3, 4, 5, IGNORE, 0, vocab - 1])
     hidden, weight, targets = hidden.to(dtype).to(DEVICE), weight.to(dtype).to(DEVICE), targets.to(DEVICE)
-    nll, logp, rank = linear_smoothed_nll_triton(hidden, weight, targets, _alphas(), vocab, IGNORE,
+    nll, logp, rank = linear_smoothed_nll_triton(hidden, weight, None, targets, *_consts(vocab), vocab, IGNORE,
                                                  block_n=16, block_v=32, block_d=16)
     assert torch.isnan(logp[1:3]).all() and torch.isnan(nll[1:3]).all()
     assert logp[3] == 0 and rank[3] == 0 and (nll[3] == 0).all()
@@ -306,5 +318,5 @@ def test_linear_empty():
     hidden = torch.randn(0, 8, device=DEVICE)
     weight = torch.randn(20, 8, device=DEVICE)
     t = torch.zeros(0, dtype=torch.int64, device=DEVICE)
-    nll, logp, rank = linear_smoothed_nll_triton(hidden, weight, t, _alphas(), 20, IGNORE)
+    nll, logp, rank = linear_smoothed_nll_triton(hidden, weight, None, t, *_consts(20), 20, IGNORE)
     assert nll.shape == (0, len(ALPHAS)) and logp.shape == (0,) and rank.shape == (0,)

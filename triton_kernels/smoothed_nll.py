@@ -7,13 +7,15 @@ rank = #{j : x_j > x_y}; then log p_y = x_y - m - log s and, for every smoothing
 
     nll_bits = -logaddexp(log(1 - a) + log p_y, log(a / V)) / ln 2,
 
-evaluated in float64 from host-computed constants log(1 - a), log(a / V) (a tensor, never a scalar
-argument, so the kernels run under ``TRITON_INTERPRET=1``; no libdevice calls).
+evaluated in float64 from the per-call constants log_keep = log(1 - a), log_floor = log(a / V)
+that every backend receives (computed once by ``tokenbounds.ops.losses.smoothing_constants``;
+tensors, never scalar arguments, so the kernels run under ``TRITON_INTERPRET=1``; no libdevice
+calls).
 
 * :func:`smoothed_nll_triton`: one program per row, a loop over the vocabulary in BLOCK chunks with
   the online max / sum-of-exp merge (Milakov & Gimelshein 2018) and the greater-than count.
 * :func:`linear_smoothed_nll_triton`: the logits ``hidden @ weight.T`` are never materialised.
-  (1) the target logit of every token is one dot product; (2) a tiled matmul (BLOCK_N rows x
+  (1) the target logit of every token is one dot product (+ bias); (2) a tiled matmul (BLOCK_N rows x
   BLOCK_V vocabulary columns, ``tl.dot`` over D) reduces each tile to per-row partials
   (max, sum of exp, count greater) written to a buffer [N, num_vtiles]; (3) a second pass merges
   the partials per row. No locks (cut-cross-entropy's design minus its spin lock); extra memory
@@ -21,8 +23,6 @@ argument, so the kernels run under ``TRITON_INTERPRET=1``; no libdevice calls).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -104,16 +104,6 @@ def _smoothed_nll_rows_kernel(logits_ptr, row_stride, targets_ptr, log_keep_ptr,
                  nll_ptr, logp_ptr, rank_ptr, NUM_ALPHAS, ALPHA_BLOCK)
 
 
-def _smoothing_constants(alphas: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """log(1 - a) and log(a / V) (-inf at a = 0) in float64, on the alphas' device."""
-    a = alphas.to(torch.float64).reshape(-1)
-    log_keep = torch.log1p(-a).contiguous()
-    log_floor = torch.where(
-        a > 0, torch.log(a) - math.log(vocab_size), torch.full_like(a, -math.inf)
-    ).contiguous()
-    return log_keep, log_floor
-
-
 def _outputs(n: int, num_alphas: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (
         torch.empty((n, num_alphas), dtype=torch.float32, device=device),
@@ -125,7 +115,8 @@ def _outputs(n: int, num_alphas: int, device) -> tuple[torch.Tensor, torch.Tenso
 def smoothed_nll_triton(
     logits2d: torch.Tensor,
     targets1d: torch.Tensor,
-    alphas_f64: torch.Tensor,
+    log_keep: torch.Tensor,
+    log_floor: torch.Tensor,
     vocab_size: int,
     ignore_index: int,
     *,
@@ -137,7 +128,7 @@ def smoothed_nll_triton(
     Args:
         logits2d: [N, V_padded] float32/bfloat16/float16 with unit column stride (row stride free).
         targets1d: [N] int64 (validated: in [0, vocab_size) or ignore_index).
-        alphas_f64: [A] smoothing levels.
+        log_keep, log_floor: [A] float64 log(1 - a) and log(a / V), on the logits' device.
         vocab_size: the true V (columns >= V are ignored).
         block: vocabulary chunk per loop step (power of two; default 4096 on GPU, 2048 on CPU).
         rows_per_program: rows per program (power of two; default 1 on GPU, 16 under the CPU
@@ -147,14 +138,13 @@ def smoothed_nll_triton(
         (nll_bits float32 [N, A], logp float32 [N] natural log p_y, rank int32 [N]).
     """
     n = logits2d.shape[0]
-    num_alphas = int(alphas_f64.numel())
+    num_alphas = int(log_keep.numel())
     nll_bits, logp, rank = _outputs(n, num_alphas, logits2d.device)
     if n == 0:
         return nll_bits, logp, rank
     if logits2d.stride(1) != 1:
         logits2d = logits2d.contiguous()
     targets1d = targets1d.to(torch.int64).contiguous()
-    log_keep, log_floor = _smoothing_constants(alphas_f64, vocab_size)
     on_gpu = logits2d.is_cuda
     if block is None:
         block = 4096 if on_gpu else 2048
@@ -174,9 +164,10 @@ def smoothed_nll_triton(
 
 
 @triton.jit
-def _target_logit_kernel(hidden_ptr, weight_ptr, targets_ptr, out_ptr, n, d, ignore_index,
-                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """x_y = <hidden_i, weight_{y_i}> in float32, BLOCK_T tokens per program (0 for ignored rows)."""
+def _target_logit_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, out_ptr, n, d, ignore_index,
+                         HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x_y = <hidden_i, weight_{y_i}> (+ bias_{y_i}) in float32, BLOCK_T tokens per program (0 for
+    ignored rows)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < n
     y = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
@@ -190,13 +181,15 @@ def _target_logit_kernel(hidden_ptr, weight_ptr, targets_ptr, out_ptr, n, d, ign
         h = tl.load(hidden_ptr + rows[:, None] * d + ks[None, :], mask=m2, other=0.0).to(tl.float32)
         w = tl.load(weight_ptr + y[:, None] * d + ks[None, :], mask=m2, other=0.0).to(tl.float32)
         acc += tl.sum(h * w, axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + y, mask=valid, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, acc, mask=row_mask)
 
 
 @triton.jit
-def _linear_tile_kernel(hidden_ptr, weight_ptr, targets_ptr, target_logit_ptr,
+def _linear_tile_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, target_logit_ptr,
                         pmax_ptr, psum_ptr, pcnt_ptr, n, d, vocab, num_vtiles, ignore_index,
-                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                         GROUP_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                         UPCAST: tl.constexpr):
     """One [BLOCK_N, BLOCK_V] logit tile -> per-row (max, sum exp(x - max), #{x > x_y}) partials."""
@@ -229,6 +222,8 @@ def _linear_tile_kernel(hidden_ptr, weight_ptr, targets_ptr, target_logit_ptr,
             h = h.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
 
     x = tl.where(col_mask[None, :], acc, -float("inf"))
     y = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
@@ -293,8 +288,10 @@ def _linear_merge_kernel(pmax_ptr, psum_ptr, pcnt_ptr, targets_ptr, target_logit
 def linear_smoothed_nll_triton(
     hidden2d: torch.Tensor,
     weight: torch.Tensor,
+    bias: torch.Tensor | None,
     targets1d: torch.Tensor,
-    alphas_f64: torch.Tensor,
+    log_keep: torch.Tensor,
+    log_floor: torch.Tensor,
     vocab_size: int,
     ignore_index: int,
     *,
@@ -304,9 +301,9 @@ def linear_smoothed_nll_triton(
     block_v: int | None = None,
     block_d: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton backend of ``tokenbounds.linear_smoothed_nll`` (no bias) on validated input.
+    """Triton backend of ``tokenbounds.linear_smoothed_nll`` on validated input.
 
-    Computes the outputs of :func:`smoothed_nll_triton` for logits ``hidden2d @ weight[:V].T``
+    Computes the outputs of :func:`smoothed_nll_triton` for logits ``hidden2d @ weight[:V].T (+ bias)``
     without materialising them: the workspace is 4 + 12 ceil(V / block_v) bytes per row (target
     logit + per-tile max, sum, count), and rows are processed in chunks so that it stays under
     ``max_bytes`` (default 512 MiB; at least one row tile).
@@ -314,14 +311,15 @@ def linear_smoothed_nll_triton(
     Args:
         hidden2d: [N, D] float32/bfloat16/float16.
         weight: [V_padded, D], same dtype.
+        bias: optional [V_padded], same dtype.
         targets1d: [N] int64 (validated).
-        alphas_f64: [A] smoothing levels.
+        log_keep, log_floor: [A] float64 log(1 - a) and log(a / V), on the device.
         vocab_size: the true V (weight rows >= V are ignored).
 
     Float32 inputs use IEEE float32 products unless ``torch.backends.cuda.matmul.allow_tf32``.
     """
     n, d = hidden2d.shape
-    num_alphas = int(alphas_f64.numel())
+    num_alphas = int(log_keep.numel())
     device = hidden2d.device
     nll_bits, logp, rank = _outputs(n, num_alphas, device)
     if n == 0:
@@ -329,7 +327,8 @@ def linear_smoothed_nll_triton(
     hidden2d = hidden2d.contiguous()
     weight = weight.contiguous()
     targets1d = targets1d.to(torch.int64).contiguous()
-    log_keep, log_floor = _smoothing_constants(alphas_f64, vocab_size)
+    has_bias = bias is not None
+    bias_arg = bias.contiguous() if has_bias else weight  # never read without HAS_BIAS
     on_gpu = hidden2d.is_cuda
     # Under the CPU interpreter large tiles are cheapest (numpy per operation).
     block_n = block_n or 64
@@ -357,13 +356,13 @@ def linear_smoothed_nll_triton(
         h = hidden2d[start:start + m]
         t = targets1d[start:start + m]
         _target_logit_kernel[(triton.cdiv(m, block_t),)](
-            h, weight, t, target_logit, m, d, ignore_index,
-            BLOCK_T=block_t, BLOCK_D=max(16, min(128, triton.next_power_of_2(d))),
+            h, weight, bias_arg, t, target_logit, m, d, ignore_index,
+            HAS_BIAS=has_bias, BLOCK_T=block_t, BLOCK_D=max(16, min(128, triton.next_power_of_2(d))),
         )
         _linear_tile_kernel[(triton.cdiv(m, block_n) * num_vtiles,)](
-            h, weight, t, target_logit, pmax, psum, pcnt,
+            h, weight, bias_arg, t, target_logit, pmax, psum, pcnt,
             m, d, vocab_size, num_vtiles, ignore_index,
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_N=8,
+            HAS_BIAS=has_bias, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_N=8,
             INPUT_PRECISION=precision, UPCAST=not on_gpu and hidden2d.dtype == torch.bfloat16,
             num_warps=8 if on_gpu else 1, num_stages=3 if on_gpu else 1,
         )

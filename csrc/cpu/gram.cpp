@@ -401,12 +401,6 @@ at::Tensor rademacher_probes_cpu(int64_t d, int64_t k, int64_t seed, int64_t off
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(tokenbounds, m) {
-  m.def("gram_accumulate_(Tensor(a!) acc, Tensor x) -> ()");
-  m.def("rademacher_matmul(Tensor x, int seed, int offset, int k) -> Tensor");
-  m.def("rademacher_probes(int d, int k, int seed, int offset, ScalarType dtype) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(tokenbounds, CPU, m) {
   m.impl("gram_accumulate_", &gram_accumulate_cpu);
   m.impl("rademacher_matmul", &rademacher_matmul_cpu);

@@ -216,10 +216,6 @@ at::Tensor hadamard_transform_cpu(const at::Tensor& x, const at::Tensor& hk, dou
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(tokenbounds, m) {
-  m.def("hadamard_transform(Tensor x, Tensor hk, float scale) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(tokenbounds, CPU, m) { m.impl("hadamard_transform", &hadamard_transform_cpu); }
 
 }  // namespace tokenbounds

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include "tokenbounds/cuda_launch.h"
 #include "tokenbounds/gram.h"
 
 namespace tokenbounds {
@@ -128,60 +129,56 @@ __global__ void rademacher_matmul_kernel(const T* __restrict__ x, int64_t n, int
   }
 }
 
+}  // namespace
+
+// ---------------------------------------------------------- launchers (tokenbounds/cuda_launch.h)
 template <typename T, typename Acc>
-cudaError_t gram_launch(const T* x, int64_t n, int64_t d, int64_t ldx, Acc* acc, int64_t ld_acc,
-                        cudaStream_t stream) {
+cudaError_t launch_gram_accumulate(const T* x, int64_t n, int64_t d, int64_t ldx, Acc* acc, int64_t ld_acc,
+                                   cudaStream_t stream) {
   if (n == 0 || d == 0) return cudaSuccess;
   const unsigned tiles = static_cast<unsigned>((d + kTile - 1) / kTile);
   gram_accumulate_kernel<T, Acc><<<dim3(tiles, tiles), 256, 0, stream>>>(x, n, d, ldx, acc, ld_acc);
   return cudaGetLastError();
 }
 
-template <typename T, typename Acc>
-cudaError_t probe_launch(const T* x, int64_t n, int64_t d, int64_t ldx, uint64_t seed, uint32_t offset,
-                         int64_t k, Acc* y, cudaStream_t stream) {
+// y [n, k] float32 (float64 for float64 x), row-major, fully overwritten.
+template <typename T, typename Out>
+cudaError_t launch_rademacher_matmul(const T* x, int64_t n, int64_t d, int64_t ldx, uint64_t seed,
+                                     uint32_t offset, int64_t k, Out* y, cudaStream_t stream) {
   if (n == 0 || k == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>((n + kRowsPerBlock - 1) / kRowsPerBlock),
                   static_cast<unsigned>((k + kColsPerBlock - 1) / kColsPerBlock));
-  rademacher_matmul_kernel<T, Acc><<<grid, dim3(kColsPerBlock, 8), 0, stream>>>(
+  rademacher_matmul_kernel<T, Out><<<grid, dim3(kColsPerBlock, 8), 0, stream>>>(
       x, n, d, ldx, gram::probe_key(seed), offset, k, y);
   return cudaGetLastError();
 }
 
-}  // namespace
-
-// ---------------------------------------------------------------- launchers (used by the binding)
-#define TB_GRAM_LAUNCHERS(T)                                                                        \
-  cudaError_t launch_gram_accumulate(const T* x, int64_t n, int64_t d, int64_t ldx, float* acc,    \
-                                     int64_t ld_acc, cudaStream_t stream) {                        \
-    return gram_launch<T, float>(x, n, d, ldx, acc, ld_acc, stream);                               \
-  }                                                                                                 \
-  cudaError_t launch_gram_accumulate(const T* x, int64_t n, int64_t d, int64_t ldx, double* acc,   \
-                                     int64_t ld_acc, cudaStream_t stream) {                        \
-    return gram_launch<T, double>(x, n, d, ldx, acc, ld_acc, stream);                              \
-  }
-TB_GRAM_LAUNCHERS(float)
-TB_GRAM_LAUNCHERS(double)
-TB_GRAM_LAUNCHERS(__nv_bfloat16)
-TB_GRAM_LAUNCHERS(__half)
-#undef TB_GRAM_LAUNCHERS
-
-// y [n, k] float32 (float64 for float64 x), row-major, fully overwritten.
-cudaError_t launch_rademacher_matmul(const float* x, int64_t n, int64_t d, int64_t ldx, uint64_t seed,
-                                     uint32_t offset, int64_t k, float* y, cudaStream_t stream) {
-  return probe_launch<float, float>(x, n, d, ldx, seed, offset, k, y, stream);
-}
-cudaError_t launch_rademacher_matmul(const double* x, int64_t n, int64_t d, int64_t ldx, uint64_t seed,
-                                     uint32_t offset, int64_t k, double* y, cudaStream_t stream) {
-  return probe_launch<double, double>(x, n, d, ldx, seed, offset, k, y, stream);
-}
-cudaError_t launch_rademacher_matmul(const __nv_bfloat16* x, int64_t n, int64_t d, int64_t ldx, uint64_t seed,
-                                     uint32_t offset, int64_t k, float* y, cudaStream_t stream) {
-  return probe_launch<__nv_bfloat16, float>(x, n, d, ldx, seed, offset, k, y, stream);
-}
-cudaError_t launch_rademacher_matmul(const __half* x, int64_t n, int64_t d, int64_t ldx, uint64_t seed,
-                                     uint32_t offset, int64_t k, float* y, cudaStream_t stream) {
-  return probe_launch<__half, float>(x, n, d, ldx, seed, offset, k, y, stream);
-}
+template cudaError_t launch_gram_accumulate<float, float>(const float*, int64_t, int64_t, int64_t, float*,
+                                                          int64_t, cudaStream_t);
+template cudaError_t launch_gram_accumulate<float, double>(const float*, int64_t, int64_t, int64_t, double*,
+                                                           int64_t, cudaStream_t);
+template cudaError_t launch_gram_accumulate<double, float>(const double*, int64_t, int64_t, int64_t, float*,
+                                                           int64_t, cudaStream_t);
+template cudaError_t launch_gram_accumulate<double, double>(const double*, int64_t, int64_t, int64_t, double*,
+                                                            int64_t, cudaStream_t);
+template cudaError_t launch_gram_accumulate<__nv_bfloat16, float>(const __nv_bfloat16*, int64_t, int64_t,
+                                                                  int64_t, float*, int64_t, cudaStream_t);
+template cudaError_t launch_gram_accumulate<__nv_bfloat16, double>(const __nv_bfloat16*, int64_t, int64_t,
+                                                                   int64_t, double*, int64_t, cudaStream_t);
+template cudaError_t launch_gram_accumulate<__half, float>(const __half*, int64_t, int64_t, int64_t, float*,
+                                                           int64_t, cudaStream_t);
+template cudaError_t launch_gram_accumulate<__half, double>(const __half*, int64_t, int64_t, int64_t, double*,
+                                                            int64_t, cudaStream_t);
+template cudaError_t launch_rademacher_matmul<float, float>(const float*, int64_t, int64_t, int64_t, uint64_t,
+                                                            uint32_t, int64_t, float*, cudaStream_t);
+template cudaError_t launch_rademacher_matmul<double, double>(const double*, int64_t, int64_t, int64_t,
+                                                              uint64_t, uint32_t, int64_t, double*,
+                                                              cudaStream_t);
+template cudaError_t launch_rademacher_matmul<__nv_bfloat16, float>(const __nv_bfloat16*, int64_t, int64_t,
+                                                                    int64_t, uint64_t, uint32_t, int64_t,
+                                                                    float*, cudaStream_t);
+template cudaError_t launch_rademacher_matmul<__half, float>(const __half*, int64_t, int64_t, int64_t,
+                                                             uint64_t, uint32_t, int64_t, float*,
+                                                             cudaStream_t);
 
 }  // namespace tokenbounds

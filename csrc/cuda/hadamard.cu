@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "tokenbounds/cuda_launch.h"
 #include "tokenbounds/hadamard.h"
 
 namespace tokenbounds {
@@ -69,9 +70,14 @@ __global__ void hadamard_kernel(const T* __restrict__ x, T* __restrict__ out,
   }
 }
 
+}  // namespace
+
+int64_t hadamard_cuda_max_n() { return kMaxSharedFloats; }
+
+// ------------------------------------------------------------ launcher (tokenbounds/cuda_launch.h)
 template <typename T>
-cudaError_t launch(const T* x, T* out, const float* hk, int64_t rows, int64_t n, int64_t k,
-                   float scale, cudaStream_t stream) {
+cudaError_t launch_hadamard_transform(const T* x, T* out, const float* hk, int64_t rows, int64_t n,
+                                      int64_t k, float scale, cudaStream_t stream) {
   if (rows == 0 || n == 0) return cudaSuccess;
   if (n > kMaxSharedFloats || k < 1 || n % k != 0) return cudaErrorInvalidValue;
   const int64_t m = n / k;
@@ -90,23 +96,12 @@ cudaError_t launch(const T* x, T* out, const float* hk, int64_t rows, int64_t n,
   return cudaGetLastError();
 }
 
-}  // namespace
-
-int64_t hadamard_cuda_max_n() { return kMaxSharedFloats; }
-
-cudaError_t launch_hadamard_transform_f32(const float* x, float* out, const float* hk, int64_t rows,
-                                          int64_t n, int64_t k, float scale, cudaStream_t stream) {
-  return launch(x, out, hk, rows, n, k, scale, stream);
-}
-cudaError_t launch_hadamard_transform_f16(const __half* x, __half* out, const float* hk,
-                                          int64_t rows, int64_t n, int64_t k, float scale,
-                                          cudaStream_t stream) {
-  return launch(x, out, hk, rows, n, k, scale, stream);
-}
-cudaError_t launch_hadamard_transform_bf16(const __nv_bfloat16* x, __nv_bfloat16* out,
-                                           const float* hk, int64_t rows, int64_t n, int64_t k,
-                                           float scale, cudaStream_t stream) {
-  return launch(x, out, hk, rows, n, k, scale, stream);
-}
+template cudaError_t launch_hadamard_transform<float>(const float*, float*, const float*, int64_t, int64_t,
+                                                      int64_t, float, cudaStream_t);
+template cudaError_t launch_hadamard_transform<__nv_bfloat16>(const __nv_bfloat16*, __nv_bfloat16*,
+                                                              const float*, int64_t, int64_t, int64_t, float,
+                                                              cudaStream_t);
+template cudaError_t launch_hadamard_transform<__half>(const __half*, __half*, const float*, int64_t, int64_t,
+                                                       int64_t, float, cudaStream_t);
 
 }  // namespace tokenbounds

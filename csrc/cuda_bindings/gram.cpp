@@ -1,36 +1,17 @@
-// Thin torch binding of csrc/cuda/gram.cu (compiled only with a CUDA build of torch).
+// Thin torch binding of csrc/cuda/gram.cu (prototypes in tokenbounds/cuda_launch.h; compiled only
+// with a CUDA build of torch; schemas in csrc/ops.cpp).
 // Inputs are validated in pyext/ops/gram.py; the checks here only guard memory safety.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include <cstdint>
 
-namespace tokenbounds {
+#include "tokenbounds/cuda_launch.h"
 
-#define TB_DECL_GRAM(T)                                                                          \
-  cudaError_t launch_gram_accumulate(const T* x, int64_t n, int64_t d, int64_t ldx, float* acc, \
-                                     int64_t ld_acc, cudaStream_t stream);                      \
-  cudaError_t launch_gram_accumulate(const T* x, int64_t n, int64_t d, int64_t ldx, double* acc, \
-                                     int64_t ld_acc, cudaStream_t stream);
-TB_DECL_GRAM(float)
-TB_DECL_GRAM(double)
-TB_DECL_GRAM(__nv_bfloat16)
-TB_DECL_GRAM(__half)
-#undef TB_DECL_GRAM
-cudaError_t launch_rademacher_matmul(const float* x, int64_t n, int64_t d, int64_t ldx, uint64_t seed,
-                                     uint32_t offset, int64_t k, float* y, cudaStream_t stream);
-cudaError_t launch_rademacher_matmul(const double* x, int64_t n, int64_t d, int64_t ldx, uint64_t seed,
-                                     uint32_t offset, int64_t k, double* y, cudaStream_t stream);
-cudaError_t launch_rademacher_matmul(const __nv_bfloat16* x, int64_t n, int64_t d, int64_t ldx, uint64_t seed,
-                                     uint32_t offset, int64_t k, float* y, cudaStream_t stream);
-cudaError_t launch_rademacher_matmul(const __half* x, int64_t n, int64_t d, int64_t ldx, uint64_t seed,
-                                     uint32_t offset, int64_t k, float* y, cudaStream_t stream);
+namespace tokenbounds {
 
 namespace {
 

@@ -1,30 +1,18 @@
-// Thin torch binding of the CUDA Hadamard kernel (csrc/cuda/hadamard.cu). Compiled only against a
-// CUDA build of torch (setup.py). The schema is defined in csrc/cpu/hadamard.cpp; inputs are
-// validated in pyext/ops/hadamard.py (which routes float64 and rows longer than
-// hadamard_cuda_max_n() to the Triton kernel); the checks here only guard memory safety.
+// Thin torch binding of the CUDA Hadamard kernel (csrc/cuda/hadamard.cu; prototype in
+// tokenbounds/cuda_launch.h). Compiled only against a CUDA build of torch (setup.py); the schema
+// is in csrc/ops.cpp. Inputs are validated in pyext/ops/hadamard.py (which routes float64 and rows
+// longer than hadamard_cuda_max_n() to the Triton kernel); the checks here only guard memory
+// safety.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include <cstdint>
 
+#include "tokenbounds/cuda_launch.h"
+
 namespace tokenbounds {
-
-// Launchers defined in csrc/cuda/hadamard.cu (keep the prototypes in sync).
-cudaError_t launch_hadamard_transform_f32(const float* x, float* out, const float* hk, int64_t rows,
-                                          int64_t n, int64_t k, float scale, cudaStream_t stream);
-cudaError_t launch_hadamard_transform_f16(const __half* x, __half* out, const float* hk,
-                                          int64_t rows, int64_t n, int64_t k, float scale,
-                                          cudaStream_t stream);
-cudaError_t launch_hadamard_transform_bf16(const __nv_bfloat16* x, __nv_bfloat16* out,
-                                           const float* hk, int64_t rows, int64_t n, int64_t k,
-                                           float scale, cudaStream_t stream);
-int64_t hadamard_cuda_max_n();
-
 namespace {
 
 at::Tensor hadamard_transform_cuda(const at::Tensor& x, const at::Tensor& hk, double scale) {
@@ -43,15 +31,15 @@ at::Tensor hadamard_transform_cuda(const at::Tensor& x, const at::Tensor& hk, do
   cudaError_t err;
   switch (x.scalar_type()) {
     case at::kFloat:
-      err = launch_hadamard_transform_f32(x.data_ptr<float>(), out.data_ptr<float>(), h, rows, n, k, s, stream);
+      err = launch_hadamard_transform<float>(x.data_ptr<float>(), out.data_ptr<float>(), h, rows, n, k, s, stream);
       break;
     case at::kHalf:
-      err = launch_hadamard_transform_f16(reinterpret_cast<const __half*>(x.data_ptr<at::Half>()),
-                                          reinterpret_cast<__half*>(out.data_ptr<at::Half>()), h, rows,
-                                          n, k, s, stream);
+      err = launch_hadamard_transform<__half>(reinterpret_cast<const __half*>(x.data_ptr<at::Half>()),
+                                              reinterpret_cast<__half*>(out.data_ptr<at::Half>()), h,
+                                              rows, n, k, s, stream);
       break;
     case at::kBFloat16:
-      err = launch_hadamard_transform_bf16(
+      err = launch_hadamard_transform<__nv_bfloat16>(
           reinterpret_cast<const __nv_bfloat16*>(x.data_ptr<at::BFloat16>()),
           reinterpret_cast<__nv_bfloat16*>(out.data_ptr<at::BFloat16>()), h, rows, n, k, s, stream);
       break;

@@ -1,58 +1,23 @@
-// Thin torch binding of the CUDA smoothed-loss kernels (csrc/cuda/smoothed_nll.cu).
+// Thin torch binding of the CUDA smoothed-loss kernels (csrc/cuda/smoothed_nll_rows.cu and
+// csrc/cuda/linear_smoothed_nll.cu; prototypes in tokenbounds/cuda_launch.h).
 //
-// Compiled only against a CUDA build of torch (setup.py). Registers the CUDA kernel of
-// tokenbounds::smoothed_nll (schema defined in csrc/cpu/smoothed_nll.cpp) and defines +
-// registers tokenbounds::linear_smoothed_nll. Inputs are validated in pyext/ops/losses.py; the
-// checks here only guard memory safety. Nothing here synchronises the device.
+// Compiled only against a CUDA build of torch (setup.py). Registers the CUDA kernels of
+// tokenbounds::smoothed_nll and tokenbounds::linear_smoothed_nll (schemas in csrc/ops.cpp). The
+// smoothing constants arrive computed (log_keep, log_floor on the device). Inputs are validated in
+// pyext/ops/losses.py; the checks here only guard memory safety. Nothing here synchronises.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
+#include "tokenbounds/cuda_launch.h"
+
 namespace tokenbounds {
-
-// Launchers defined in csrc/cuda/smoothed_nll.cu (keep the prototypes in sync).
-#define TB_DECLARE_ROWS_LAUNCHER(SUFFIX, T)                                                    \
-  cudaError_t launch_smoothed_nll_##SUFFIX(                                                   \
-      const T* logits, int64_t row_stride, const int64_t* targets, const double* log_keep,   \
-      const double* log_floor, int num_alphas, int64_t n, int64_t vocab, int64_t ignore_index, \
-      float* nll_bits, float* logp, int32_t* rank, cudaStream_t stream);
-#define TB_DECLARE_LINEAR_LAUNCHER(SUFFIX, T)                                                  \
-  cudaError_t launch_linear_smoothed_nll_##SUFFIX(                                            \
-      const T* hidden, const T* weight, const int64_t* targets, const double* log_keep,       \
-      const double* log_floor, int num_alphas, int64_t n, int64_t d, int64_t vocab,           \
-      int64_t ignore_index, float* nll_bits, float* logp, int32_t* rank, void* workspace,     \
-      size_t workspace_bytes, cudaStream_t stream);
-TB_DECLARE_ROWS_LAUNCHER(f32, float)
-TB_DECLARE_ROWS_LAUNCHER(bf16, __nv_bfloat16)
-TB_DECLARE_ROWS_LAUNCHER(f16, __half)
-TB_DECLARE_LINEAR_LAUNCHER(f32, float)
-TB_DECLARE_LINEAR_LAUNCHER(bf16, __nv_bfloat16)
-TB_DECLARE_LINEAR_LAUNCHER(f16, __half)
-#undef TB_DECLARE_ROWS_LAUNCHER
-#undef TB_DECLARE_LINEAR_LAUNCHER
-size_t linear_smoothed_nll_workspace_bytes(int64_t n, int64_t vocab);
-size_t linear_smoothed_nll_min_workspace_bytes(int64_t vocab);
-
 namespace {
-
-// log(1 - a) and log(a / V) (-inf at a = 0), float64 on the device, without a host sync.
-std::tuple<at::Tensor, at::Tensor> smoothing_constants(const at::Tensor& alphas, const at::Device& device,
-                                                       int64_t vocab_size) {
-  const at::Tensor a = alphas.to(device, at::kDouble).contiguous();
-  const at::Tensor log_keep = at::log1p(a.neg()).contiguous();
-  const at::Tensor floor = at::log(a).sub(std::log(static_cast<double>(vocab_size)));
-  const at::Tensor log_floor =
-      at::where(a.gt(0.0), floor, at::full_like(a, -INFINITY)).contiguous();
-  return {log_keep, log_floor};
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_outputs(const at::Tensor& like, int64_t n,
                                                              int64_t num_alphas) {
@@ -61,13 +26,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_outputs(const at::Tensor& l
           at::empty({n}, like.options().dtype(at::kInt))};
 }
 
+// log_keep / log_floor as contiguous float64 on `device` (they already are when they come from
+// pyext/ops/losses.py; this only guards the pointer reads).
+std::tuple<at::Tensor, at::Tensor> constants_on(const at::Tensor& log_keep, const at::Tensor& log_floor,
+                                                const at::Device& device) {
+  TORCH_CHECK(log_keep.dim() == 1 && log_floor.dim() == 1 && log_keep.numel() == log_floor.numel(),
+              "log_keep and log_floor must be 1-D of one length");
+  return {log_keep.to(device, at::kDouble).contiguous(), log_floor.to(device, at::kDouble).contiguous()};
+}
+
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
 }
 
+// Tensor -> the launchers' element pointer types.
+template <typename T>
+const T* ptr(const at::Tensor& t);
+template <>
+const float* ptr<float>(const at::Tensor& t) { return t.data_ptr<float>(); }
+template <>
+const __nv_bfloat16* ptr<__nv_bfloat16>(const at::Tensor& t) {
+  return reinterpret_cast<const __nv_bfloat16*>(t.data_ptr<at::BFloat16>());
+}
+template <>
+const __half* ptr<__half>(const at::Tensor& t) { return reinterpret_cast<const __half*>(t.data_ptr<at::Half>()); }
+
+// Calls fn(T{}) with T the CUDA element type of `dtype`.
+template <typename Fn>
+cudaError_t with_cuda_type(at::ScalarType dtype, const char* op, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(float{});
+    case at::kBFloat16: return fn(__nv_bfloat16{});
+    case at::kHalf: return fn(__half{});
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", dtype);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> smoothed_nll_cuda(const at::Tensor& logits,
                                                                  const at::Tensor& targets,
-                                                                 const at::Tensor& alphas,
+                                                                 const at::Tensor& log_keep_in,
+                                                                 const at::Tensor& log_floor_in,
                                                                  int64_t vocab_size,
                                                                  int64_t ignore_index) {
   TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor");
@@ -80,46 +78,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> smoothed_nll_cuda(const at::Tenso
   TORCH_CHECK(vocab_size >= 1 && vocab_size <= logits.size(1), "vocab_size out of range");
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t n = logits.size(0);
-  const int64_t num_alphas = alphas.numel();
+  auto [log_keep, log_floor] = constants_on(log_keep_in, log_floor_in, logits.device());
+  const int num_alphas = static_cast<int>(log_keep.numel());
   auto [nll_bits, logp, rank] = empty_outputs(logits, n, num_alphas);
   if (n == 0) return {nll_bits, logp, rank};
-  auto [log_keep, log_floor] = smoothing_constants(alphas, logits.device(), vocab_size);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const int64_t* tgt = targets.data_ptr<int64_t>();
-  const double* lk = log_keep.data_ptr<double>();
-  const double* lf = log_floor.data_ptr<double>();
-  const int na = static_cast<int>(num_alphas);
-  float* out_nll = nll_bits.data_ptr<float>();
-  float* out_logp = logp.data_ptr<float>();
-  int32_t* out_rank = rank.data_ptr<int32_t>();
-  const int64_t stride = logits.stride(0);
-  cudaError_t err;
-  switch (logits.scalar_type()) {
-    case at::kFloat:
-      err = launch_smoothed_nll_f32(logits.data_ptr<float>(), stride, tgt, lk, lf, na, n, vocab_size,
-                                    ignore_index, out_nll, out_logp, out_rank, stream);
-      break;
-    case at::kBFloat16:
-      err = launch_smoothed_nll_bf16(
-          reinterpret_cast<const __nv_bfloat16*>(logits.data_ptr<at::BFloat16>()), stride, tgt, lk,
-          lf, na, n, vocab_size, ignore_index, out_nll, out_logp, out_rank, stream);
-      break;
-    case at::kHalf:
-      err = launch_smoothed_nll_f16(reinterpret_cast<const __half*>(logits.data_ptr<at::Half>()),
-                                    stride, tgt, lk, lf, na, n, vocab_size, ignore_index, out_nll,
-                                    out_logp, out_rank, stream);
-      break;
-    default:
-      TORCH_CHECK(false, "smoothed_nll: unsupported logits dtype ", logits.scalar_type());
-  }
+  const cudaError_t err = with_cuda_type(logits.scalar_type(), "smoothed_nll", [&](auto zero) {
+    using T = decltype(zero);
+    return launch_smoothed_nll<T>(ptr<T>(logits), logits.stride(0), targets.data_ptr<int64_t>(),
+                                  log_keep.data_ptr<double>(), log_floor.data_ptr<double>(), num_alphas,
+                                  n, vocab_size, ignore_index, nll_bits.data_ptr<float>(),
+                                  logp.data_ptr<float>(), rank.data_ptr<int32_t>(), stream);
+  });
   check_launch(err, "smoothed_nll CUDA kernel");
   return {nll_bits, logp, rank};
 }
 
-// hidden [N, D], weight [V_padded, D] (same dtype, contiguous), targets [N] int64.
+// hidden [N, D], weight [V_padded, D], bias [V_padded] or none (same dtype), targets [N] int64.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_smoothed_nll_cuda(
-    const at::Tensor& hidden_in, const at::Tensor& weight_in, const at::Tensor& targets,
-    const at::Tensor& alphas, int64_t vocab_size, int64_t ignore_index, int64_t max_bytes) {
+    const at::Tensor& hidden_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
+    const at::Tensor& targets, const at::Tensor& log_keep_in, const at::Tensor& log_floor_in,
+    int64_t vocab_size, int64_t ignore_index, int64_t max_bytes) {
   TORCH_CHECK(hidden_in.is_cuda() && weight_in.is_cuda() && targets.is_cuda(),
               "hidden, weight and targets must be CUDA tensors");
   TORCH_CHECK(hidden_in.dim() == 2 && weight_in.dim() == 2 && weight_in.size(1) == hidden_in.size(1),
@@ -133,65 +112,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_smoothed_nll_cuda(
   const c10::cuda::CUDAGuard guard(hidden_in.device());
   const at::Tensor hidden = hidden_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    TORCH_CHECK(bias_in->is_cuda() && bias_in->dim() == 1 && bias_in->size(0) >= vocab_size,
+                "bias must be a CUDA tensor [V]");
+    bias = bias_in->to(hidden.scalar_type()).contiguous();
+  }
   const int64_t n = hidden.size(0), d = hidden.size(1);
-  const int64_t num_alphas = alphas.numel();
+  auto [log_keep, log_floor] = constants_on(log_keep_in, log_floor_in, hidden.device());
+  const int num_alphas = static_cast<int>(log_keep.numel());
   auto [nll_bits, logp, rank] = empty_outputs(hidden, n, num_alphas);
   if (n == 0) return {nll_bits, logp, rank};
-  if (d == 0) {  // every logit is 0: one zero row broadcast (row stride 0), never N x V
-    const at::Tensor zero =
-        at::zeros({1, vocab_size}, hidden.options().dtype(at::kFloat)).expand({n, vocab_size});
-    return smoothed_nll_cuda(zero, targets, alphas, vocab_size, ignore_index);
+  if (d == 0) {  // every logit is its bias (or 0): one row broadcast (row stride 0), never N x V
+    const at::Tensor row = bias.defined() ? bias.narrow(0, 0, vocab_size).to(at::kFloat).reshape({1, vocab_size})
+                                          : at::zeros({1, vocab_size}, hidden.options().dtype(at::kFloat));
+    return smoothed_nll_cuda(row.expand({n, vocab_size}), targets, log_keep, log_floor, vocab_size,
+                             ignore_index);
   }
-  auto [log_keep, log_floor] = smoothing_constants(alphas, hidden.device(), vocab_size);
   size_t ws_bytes = linear_smoothed_nll_workspace_bytes(n, vocab_size);
   if (ws_bytes > static_cast<size_t>(max_bytes)) ws_bytes = static_cast<size_t>(max_bytes);
   const size_t min_bytes = linear_smoothed_nll_min_workspace_bytes(vocab_size);
   if (ws_bytes < min_bytes) ws_bytes = min_bytes;
-  const at::Tensor workspace =
-      at::empty({static_cast<int64_t>(ws_bytes)}, hidden.options().dtype(at::kByte));
+  const at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, hidden.options().dtype(at::kByte));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const int64_t* tgt = targets.data_ptr<int64_t>();
-  const double* lk = log_keep.data_ptr<double>();
-  const double* lf = log_floor.data_ptr<double>();
-  const int na = static_cast<int>(num_alphas);
-  float* out_nll = nll_bits.data_ptr<float>();
-  float* out_logp = logp.data_ptr<float>();
-  int32_t* out_rank = rank.data_ptr<int32_t>();
-  void* ws = workspace.data_ptr();
-  cudaError_t err;
-  switch (hidden.scalar_type()) {
-    case at::kFloat:
-      err = launch_linear_smoothed_nll_f32(hidden.data_ptr<float>(), weight.data_ptr<float>(), tgt,
-                                           lk, lf, na, n, d, vocab_size, ignore_index, out_nll,
-                                           out_logp, out_rank, ws, ws_bytes, stream);
-      break;
-    case at::kBFloat16:
-      err = launch_linear_smoothed_nll_bf16(
-          reinterpret_cast<const __nv_bfloat16*>(hidden.data_ptr<at::BFloat16>()),
-          reinterpret_cast<const __nv_bfloat16*>(weight.data_ptr<at::BFloat16>()), tgt, lk, lf, na,
-          n, d, vocab_size, ignore_index, out_nll, out_logp, out_rank, ws, ws_bytes, stream);
-      break;
-    case at::kHalf:
-      err = launch_linear_smoothed_nll_f16(
-          reinterpret_cast<const __half*>(hidden.data_ptr<at::Half>()),
-          reinterpret_cast<const __half*>(weight.data_ptr<at::Half>()), tgt, lk, lf, na, n, d,
-          vocab_size, ignore_index, out_nll, out_logp, out_rank, ws, ws_bytes, stream);
-      break;
-    default:
-      TORCH_CHECK(false, "linear_smoothed_nll: unsupported dtype ", hidden.scalar_type());
-  }
+  const cudaError_t err = with_cuda_type(hidden.scalar_type(), "linear_smoothed_nll", [&](auto zero) {
+    using T = decltype(zero);
+    return launch_linear_smoothed_nll<T>(
+        ptr<T>(hidden), ptr<T>(weight), bias.defined() ? ptr<T>(bias) : nullptr, targets.data_ptr<int64_t>(),
+        log_keep.data_ptr<double>(), log_floor.data_ptr<double>(), num_alphas, n, d, vocab_size, ignore_index,
+        nll_bits.data_ptr<float>(), logp.data_ptr<float>(), rank.data_ptr<int32_t>(), workspace.data_ptr(),
+        ws_bytes, stream);
+  });
   check_launch(err, "linear_smoothed_nll CUDA kernels");
   return {nll_bits, logp, rank};
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(tokenbounds, m) {
-  m.def(
-      "linear_smoothed_nll(Tensor hidden, Tensor weight, Tensor targets, Tensor alphas, "
-      "int vocab_size, int ignore_index, int max_bytes) -> (Tensor nll_bits, Tensor logp, "
-      "Tensor rank)");
-}
 
 TORCH_LIBRARY_IMPL(tokenbounds, CUDA, m) {
   m.impl("smoothed_nll", &smoothed_nll_cuda);

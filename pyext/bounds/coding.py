@@ -150,6 +150,14 @@ def _alphabet(
             )
         counts = np.bincount(x, minlength=num_levels).astype(np.int64)
         return np.arange(num_levels, dtype=np.int64), counts, x, True
+    if x.size and int(x.max()) - int(x.min()) <= max(1 << 16, x.size):
+        # small value range: counting is O(n) where np.unique sorts (same values, counts, indices)
+        lo = int(x.min())
+        full = np.bincount(x - lo)
+        present = np.flatnonzero(full)
+        remap = np.zeros(full.size, dtype=np.int64)
+        remap[present] = np.arange(present.size)
+        return (present + lo).astype(np.int64), full[present].astype(np.int64), remap[x - lo], False
     values, indices, counts = np.unique(x, return_inverse=True, return_counts=True)
     return values.astype(np.int64), counts.astype(np.int64), indices.astype(np.int64), False
 

@@ -18,12 +18,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-batches", type=int, default=1, help="batches averaged into H (default 1)")
     parser.add_argument("--operator", choices=("hessian", "ggn"), default="hessian",
                         help="the Hessian (indefinite) or the Gauss-Newton matrix (PSD)")
-    parser.add_argument("--method", choices=("autograd", "func"), default="autograd", help="HVP implementation")
+    parser.add_argument("--method", choices=("auto", "autograd", "func"), default="auto",
+                        help="Hessian-vector products (Hutch++ sketch, Lanczos): double backward "
+                             "(autograd) or torch.func forward-over-reverse; auto = the faster for the block size")
+    parser.add_argument("--quadratic", choices=("auto", "taylor", "hvp"), default="auto",
+                        help="Hutchinson's z^T H z: second-order forward mode without H z (taylor), "
+                             "z . H z (hvp), or auto = taylor unless the model uses an op without a rule")
     parser.add_argument("--num-matvecs", type=int, default=30, help="matvecs for Hutchinson and Hutch++ (default 30)")
     parser.add_argument("--num-probes", type=int, default=8, help="SLQ probes (default 8)")
     parser.add_argument("--lanczos-steps", type=int, default=30, help="Lanczos steps per probe (default 30)")
     parser.add_argument("--deflation-steps", type=int, default=0, help="SLQ deflation Lanczos steps (default 0)")
-    parser.add_argument("--probe-block", type=int, default=4, help="probes per backward pass (default 4)")
+    parser.add_argument("--probe-block", type=int, default=None,
+                        help="probes per pass (default: up to 16, as many as fit a 1 GiB budget)")
     parser.add_argument("--bits", type=int, nargs="*", default=[2, 3, 4], help="QuIP table bit widths")
     parser.add_argument("--no-quip", action="store_true", help="skip the per-layer QuIP table")
     parser.add_argument("--seed", type=int, default=0)
@@ -86,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     for name in ("batch_size", "num_batches", "num_matvecs", "num_probes", "lanczos_steps", "probe_block"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     if args.num_matvecs < 3:
@@ -114,9 +120,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     if args.operator == "ggn":
-        op = GaussNewton(model, batches, probe_block=args.probe_block)
+        op = GaussNewton(model, batches, probe_block=args.probe_block, quadratic=args.quadratic)
     else:
-        op = ModelHessian(model, batches, method=args.method, probe_block=args.probe_block)
+        op = ModelHessian(model, batches, method=args.method, probe_block=args.probe_block,
+                          quadratic=args.quadratic)
     n = op.shape[0]
     print(f"{args.operator}: {n} parameters, {len(batches)} x {args.batch_size} x {seq_len} tokens")
     results: dict = {"model": args.model, "model_type": model_type, "data": args.data, "operator": args.operator,
@@ -126,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
     est = results["estimates"]
     est["trace_hutchinson"] = hutchinson_trace(op, args.num_matvecs, seed=args.seed).to_dict()
     est["trace_hutchpp"] = hutchpp_trace(op, args.num_matvecs, seed=args.seed).to_dict()
+    results["quadratic_path"] = op.quadratic_path
+    if op.taylor_unsupported:
+        results["taylor_unsupported"] = op.taylor_unsupported
+        print(f"note: Taylor mode unavailable ({op.taylor_unsupported}); used Hessian-vector products")
     for f in ("identity", "sqrt_abs", "sqrt_clamped"):
         est[f"slq_{f}"] = slq_trace(op, f, num_probes=args.num_probes, lanczos_steps=args.lanczos_steps,
                                     seed=args.seed, deflation_steps=args.deflation_steps).to_dict()

@@ -28,7 +28,12 @@ F_NAMES = ("identity", "sqrt_abs", "sqrt_clamped", "log")
 
 @runtime_checkable
 class LinearOperator(Protocol):
-    """A symmetric n x n operator: ``shape == (n, n)``, ``dtype``, ``device``, ``matmat(V) = H @ V``."""
+    """A symmetric n x n operator: ``shape == (n, n)``, ``dtype``, ``device``, ``matmat(V) = H @ V``.
+
+    Optional: ``quadratic_forms(V)`` -> [k] float64 v_c^T H v_c (Hutchinson uses it instead of
+    matmat, e.g. Taylor mode for :class:`ModelHessian`), ``rademacher_quadratic_forms(k, seed=,
+    offset=)`` (probes generated inside the kernel, e.g. :class:`ProxyHessian`).
+    """
 
     shape: tuple[int, int]
     dtype: torch.dtype
@@ -133,6 +138,17 @@ def _probes(op, k: int, seed: int, offset: int) -> torch.Tensor:
     return rademacher_probes(op.shape[0], k, seed=seed, offset=offset, dtype=dtype, device=op.device)
 
 
+def _probe_rows(op, k: int, seed: int, offset: int) -> torch.Tensor:
+    """The probes of :func:`_probes` probe-major, [k, n] (column c generated as its own row):
+    operators that take probe rows then read them without a transposing copy."""
+    dtype = op.dtype if op.dtype in (torch.float32, torch.float64) else torch.float32
+    n = op.shape[0]
+    rows = torch.empty((k, n), dtype=dtype, device=op.device)
+    for c in range(k):
+        rows[c] = rademacher_probes(n, 1, seed=seed, offset=offset + c, dtype=dtype, device=op.device).view(n)
+    return rows
+
+
 def _mean_stderr(samples: torch.Tensor) -> tuple[float, float]:
     samples = samples.to(torch.float64)
     mean = float(samples.mean())
@@ -146,13 +162,17 @@ def hutchinson_samples(op, num_matvecs: int, *, seed: int = 0, offset: int = 0,
     """z_c^T H z_c for probe columns offset .. offset + num_matvecs - 1 (float64)."""
     out = []
     block = _block(op, probe_block, num_matvecs)
-    fast = getattr(op, "rademacher_quadratic_forms", None)
+    in_kernel = getattr(op, "rademacher_quadratic_forms", None)
+    forms = getattr(op, "quadratic_forms", None)
     for start in range(0, num_matvecs, block):
         k = min(block, num_matvecs - start)
-        if fast is not None:  # e.g. ProxyHessian: probes generated inside the kernel, never stored
-            out.append(fast(k, seed=seed, offset=offset + start).to(torch.float64))
+        if in_kernel is not None:  # e.g. ProxyHessian: probes generated inside the kernel, never stored
+            out.append(in_kernel(k, seed=seed, offset=offset + start).to(torch.float64))
             continue
-        Z = _probes(op, k, seed, offset + start).to(op.dtype)
+        Z = _probe_rows(op, k, seed, offset + start).to(op.dtype).T
+        if forms is not None:  # e.g. ModelHessian: z^T H z by Taylor mode, no H z
+            out.append(forms(Z).to(torch.float64))
+            continue
         HZ = op.matmat(Z)
         # z = +-1, so z * (Hz) is exact in any dtype; only the sum needs float64.
         out.append((HZ * Z).sum(0, dtype=torch.float64))
@@ -179,6 +199,9 @@ def hutchpp_trace(op, num_matvecs: int, *, seed: int = 0, probe_block: int | Non
     (k matvecs), and m - 2k Hutchinson probes projected off Q. Variance O(1/m^2) instead of
     O(1/m) for matrices with decaying spectra. The standard error is that of the residual
     Hutchinson part given Q (the estimator is unbiased given Q, so it is also the total).
+    Only the sketch H S needs products H v; tr(Q^T H Q) = sum_i q_i^T H q_i and the residual
+    probes are quadratic forms, taken from ``op.quadratic_forms`` when the operator has it
+    (:class:`ModelHessian`: Taylor mode, about half the cost of a product).
     """
     op = as_operator(op)
     num_matvecs = _check_count("num_matvecs", num_matvecs, 3)
@@ -198,15 +221,24 @@ def hutchpp_trace(op, num_matvecs: int, *, seed: int = 0, probe_block: int | Non
             out[:, s:s + block] = op.matmat(V[:, s:s + block].to(op.dtype).contiguous())
         return out
 
+    forms = getattr(op, "quadratic_forms", None)
+
+    def quadratic(V: torch.Tensor) -> torch.Tensor:
+        """v_c^T H v_c for the columns of V (float64)."""
+        if forms is None:
+            return (V * apply(V)).sum(0, dtype=torch.float64)
+        return torch.cat([forms(V[:, s:s + block].to(op.dtype).contiguous()).to(torch.float64)
+                          for s in range(0, V.shape[1], block)])
+
     Q, _ = torch.linalg.qr(apply(_probes(op, k, seed, 0).to(work)))
     # Drop directions that H S does not reach (rank-deficient sketch): they carry no trace.
     keep = torch.linalg.vector_norm(Q, dim=0) > 0.5
     Q = Q[:, keep]
-    top = float((Q * apply(Q)).sum(dtype=torch.float64))
+    top = float(quadratic(Q).sum()) if Q.shape[1] else 0.0
     G = _probes(op, g, seed, k).to(work)
     G -= Q @ (Q.T @ G)
     # G is orthogonal to Q, so g^T (I - QQ^T) H (I - QQ^T) g = g^T H g: no projection of H G.
-    samples = (G * apply(G)).sum(0, dtype=torch.float64)
+    samples = quadratic(G)
     mean, stderr = _mean_stderr(samples)
     if Q.shape[1] >= n:
         mean, stderr = 0.0, 0.0

@@ -7,7 +7,10 @@ One module per kernel family (losses, hadamard, gram, ...) so the families stay 
 from __future__ import annotations
 
 from ._dispatch import available_backends as _available_backends
+from ._dispatch import extension as _extension
 from .losses import linear_smoothed_nll, smoothed_nll
+
+_extension()  # loads tokenbounds._C and registers the fake kernels of its ops (ops/_fakes.py)
 
 
 def available_backends(op_name: str = "smoothed_nll", device="cpu") -> list[str]:

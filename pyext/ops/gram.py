@@ -15,32 +15,12 @@ import numbers
 import torch
 
 from .. import reference
-from ._dispatch import extension, resolve_backend
+from ._dispatch import resolve_backend
 
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ACC_DTYPES = (torch.float32, torch.float64)
 MASK32 = 0xFFFFFFFF
 MAX_SEED = 2**63 - 1
-
-
-def _register_fakes() -> None:
-    if extension() is None or not hasattr(torch.ops.tokenbounds, "rademacher_matmul"):
-        return
-
-    @torch.library.register_fake("tokenbounds::rademacher_matmul")
-    def _(x, seed, offset, k):
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return x.new_empty((x.shape[0], k), dtype=dtype)
-
-    @torch.library.register_fake("tokenbounds::gram_accumulate_")
-    def _(acc, x):
-        return None
-
-
-try:
-    _register_fakes()
-except RuntimeError:  # already registered (module reloaded)
-    pass
 
 
 # ----------------------------------------------------------------------------- the hash, in torch

@@ -23,26 +23,11 @@ from ..quant.hadamard_matrices import (
     next_supported_size,
     random_signs,
 )
-from ._dispatch import extension, resolve_backend
+from ._dispatch import resolve_backend
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 OP_NAME = "hadamard_transform"
 CUDA_MAX_N = 49152  # csrc/cuda/hadamard.cu kMaxSharedFloats; longer rows (and float64) use Triton
-
-
-def _register_fakes() -> None:
-    if extension() is None or not hasattr(torch.ops.tokenbounds, OP_NAME):
-        return
-
-    @torch.library.register_fake("tokenbounds::hadamard_transform")
-    def _(x, hk, scale):
-        return torch.empty_like(x)
-
-
-try:
-    _register_fakes()
-except RuntimeError:  # already registered (module reloaded)
-    pass
 
 
 @functools.cache

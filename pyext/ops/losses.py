@@ -14,47 +14,26 @@ import torch
 
 from .. import reference
 from ..losses import DEFAULT_ALPHAS, TokenLosses
-from ._dispatch import extension, has_op, resolve_backend
+from ._dispatch import extension, resolve_backend
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DEFAULT_MAX_BYTES_CPU = 64 * 2**20
 DEFAULT_MAX_BYTES_CUDA = 512 * 2**20
 
 
-def _register_fakes() -> None:
-    """Meta/fake kernels so the ops trace under torch.compile (DESIGN.md "Custom ops")."""
-    if extension() is None or not hasattr(torch.ops.tokenbounds, "smoothed_nll"):
-        return
-
-    @torch.library.register_fake("tokenbounds::smoothed_nll")
-    def _(logits, targets, alphas, vocab_size, ignore_index):
-        n = logits.shape[0]
-        return (
-            logits.new_empty((n, alphas.shape[0]), dtype=torch.float32),
-            logits.new_empty((n,), dtype=torch.float32),
-            logits.new_empty((n,), dtype=torch.int32),
-        )
-
-
-def _register_linear_fake() -> None:
-    if extension() is None or not has_op("linear_smoothed_nll", "cuda"):
-        return
-
-    @torch.library.register_fake("tokenbounds::linear_smoothed_nll")
-    def _(hidden, weight, targets, alphas, vocab_size, ignore_index, max_bytes):
-        n = hidden.shape[0]
-        return (
-            hidden.new_empty((n, alphas.shape[0]), dtype=torch.float32),
-            hidden.new_empty((n,), dtype=torch.float32),
-            hidden.new_empty((n,), dtype=torch.int32),
-        )
-
-
-try:
-    _register_fakes()
-    _register_linear_fake()
-except RuntimeError:  # already registered (module reloaded)
-    pass
+def smoothing_constants(alphas: Sequence[float], vocab_size: int,
+                        device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(log(1 - a), log(a / V)) as float64 tensors on ``device``: the per-call constants every
+    backend receives (tokenbounds/smoothed_loss.h, computed by the extension; by the reference
+    oracle's formula when the extension is not built)."""
+    ext = extension()
+    if ext is not None:
+        keep, floor = ext.smoothing_constants(tuple(float(a) for a in alphas), int(vocab_size))
+        both = torch.tensor([keep, floor], dtype=torch.float64).reshape(2, len(keep))
+    else:
+        both = torch.stack(reference.smoothing_constants_reference(alphas, vocab_size))
+    both = both.to(device)
+    return both[0], both[1]
 
 
 def _check_alphas(alphas) -> tuple[float, ...]:
@@ -121,14 +100,16 @@ def _raise_on_bad_rows(logp: torch.Tensor, valid: torch.Tensor, name: str) -> No
         )
 
 
-def _run_rows(logits2d, targets1d, alphas_t, vocab_size, ignore_index, backend):
+def _run_rows(logits2d, targets1d, alpha_values, vocab_size, ignore_index, backend):
     if backend == "reference":
+        alphas_t = torch.tensor(alpha_values, dtype=torch.float64)
         return reference.smoothed_nll_reference(logits2d, targets1d, alphas_t, vocab_size, ignore_index)
+    log_keep, log_floor = smoothing_constants(alpha_values, vocab_size, logits2d.device)
     if backend == "triton":
         from ..triton_kernels.smoothed_nll import smoothed_nll_triton
 
-        return smoothed_nll_triton(logits2d, targets1d, alphas_t, vocab_size, ignore_index)
-    return torch.ops.tokenbounds.smoothed_nll(logits2d, targets1d, alphas_t, vocab_size, ignore_index)
+        return smoothed_nll_triton(logits2d, targets1d, log_keep, log_floor, vocab_size, ignore_index)
+    return torch.ops.tokenbounds.smoothed_nll(logits2d, targets1d, log_keep, log_floor, vocab_size, ignore_index)
 
 
 def smoothed_nll(
@@ -170,9 +151,8 @@ def smoothed_nll(
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
     chosen = resolve_backend("smoothed_nll", logits.device, backend)
-    alphas_t = torch.tensor(alpha_values, dtype=torch.float64, device=logits.device)
     valid = flat_targets != ignore_index
-    nll_bits, logp, rank = _run_rows(logits2d, flat_targets, alphas_t, vocab, int(ignore_index), chosen)
+    nll_bits, logp, rank = _run_rows(logits2d, flat_targets, alpha_values, vocab, int(ignore_index), chosen)
     _raise_on_bad_rows(logp, valid, "logits")
     return TokenLosses(nll_bits=nll_bits, logp=logp, rank=rank, valid=valid,
                        alphas=alpha_values, vocab_size=vocab)
@@ -196,8 +176,11 @@ def linear_smoothed_nll(
         hidden: [..., D] final hidden states (float32 / bfloat16 / float16).
         weight: [V_padded, D] LM-head weight, same dtype and device as hidden.
         bias: optional [V_padded].
-        max_bytes: cap on the extra memory for logit tiles (default 64 MiB on CPU, 512 MiB on
-            CUDA). On CPU, rows are processed in chunks of ``max_bytes / (V_padded * itemsize)``.
+        max_bytes: cap on the working memory for logit tiles (default 64 MiB on CPU, 512 MiB on
+            CUDA). The CPU kernel (AVX2) never stores logits: it needs about 4 (D + 56) bytes per
+            token of a block of at most 256 tokens per thread (1 MiB per thread at D = 1024) and
+            uses smaller blocks under a smaller cap; its fallback (CPUs without AVX2) and the
+            GPU kernels process rows in chunks whose logits (or partials) fit in ``max_bytes``.
     """
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
@@ -229,39 +212,29 @@ def linear_smoothed_nll(
     padded = weight.shape[0]
     vocab = _check_vocab_size(vocab_size, padded, "weight.shape[0]")
     flat_targets = _check_targets(targets, hidden.shape[:-1], hidden.device, vocab, ignore_index)
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    n = hidden2d.shape[0]
+    hidden2d = hidden.reshape(flat_targets.numel(), hidden.shape[-1])
     valid = flat_targets != ignore_index
-    chosen = resolve_backend("smoothed_nll", hidden.device, backend)
-    alphas_t = torch.tensor(alpha_values, dtype=torch.float64, device=hidden.device)
-
-    if chosen == "cuda" and bias is None and has_op("linear_smoothed_nll", "cuda"):
-        budget = max_bytes or DEFAULT_MAX_BYTES_CUDA
-        nll_bits, logp, rank = torch.ops.tokenbounds.linear_smoothed_nll(
-            hidden2d.contiguous(), weight.contiguous(), flat_targets, alphas_t, vocab, int(ignore_index), budget
-        )
-    elif chosen == "triton" and bias is None:
-        from ..triton_kernels.smoothed_nll import linear_smoothed_nll_triton
-
-        nll_bits, logp, rank = linear_smoothed_nll_triton(
-            hidden2d.contiguous(), weight.contiguous(), flat_targets, alphas_t, vocab, int(ignore_index),
-            max_bytes=max_bytes or DEFAULT_MAX_BYTES_CUDA,
+    chosen = resolve_backend("linear_smoothed_nll", hidden.device, backend)
+    budget = max_bytes or (DEFAULT_MAX_BYTES_CUDA if hidden.is_cuda else DEFAULT_MAX_BYTES_CPU)
+    hidden2d, weight = hidden2d.contiguous(), weight.contiguous()
+    if chosen == "reference":
+        alphas_t = torch.tensor(alpha_values, dtype=torch.float64)
+        nll_bits, logp, rank = reference.linear_smoothed_nll_reference(
+            hidden2d, weight, bias, flat_targets, alphas_t, vocab, int(ignore_index), max_bytes=budget
         )
     else:
-        # Row chunks: each chunk's logits (rows x V_padded) are computed by one GEMM and reduced
-        # at once; only one chunk is alive at a time, so extra memory stays under max_bytes.
-        budget = max_bytes or (DEFAULT_MAX_BYTES_CUDA if hidden.is_cuda else DEFAULT_MAX_BYTES_CPU)
-        rows = max(1, budget // (padded * hidden.element_size()))
-        nll_bits = torch.empty((n, len(alpha_values)), dtype=torch.float32, device=hidden.device)
-        logp = torch.empty((n,), dtype=torch.float32, device=hidden.device)
-        rank = torch.empty((n,), dtype=torch.int32, device=hidden.device)
-        for start in range(0, n, rows):
-            stop = min(n, start + rows)
-            h = hidden2d[start:stop]
-            chunk = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
-            out = _run_rows(chunk, flat_targets[start:stop], alphas_t, vocab, int(ignore_index), chosen)
-            nll_bits[start:stop], logp[start:stop], rank[start:stop] = out
-            del chunk
+        log_keep, log_floor = smoothing_constants(alpha_values, vocab, hidden.device)
+        if chosen == "triton":
+            from ..triton_kernels.smoothed_nll import linear_smoothed_nll_triton
+
+            nll_bits, logp, rank = linear_smoothed_nll_triton(
+                hidden2d, weight, bias, flat_targets, log_keep, log_floor, vocab, int(ignore_index),
+                max_bytes=budget,
+            )
+        else:
+            nll_bits, logp, rank = torch.ops.tokenbounds.linear_smoothed_nll(
+                hidden2d, weight, bias, flat_targets, log_keep, log_floor, vocab, int(ignore_index), budget
+            )
     _raise_on_bad_rows(logp, valid, "hidden @ weight.T")
     return TokenLosses(nll_bits=nll_bits, logp=logp, rank=rank, valid=valid,
                        alphas=alpha_values, vocab_size=vocab)

@@ -5,6 +5,11 @@
   ``coded_bits`` (range-coded codes + side information), ``dequantize()``.
 * :func:`quantize_model` -> :class:`QuantizedModel`: every nn.Linear of a model, Hessians from
   forward hooks, ``coded_bits``, ``encode()``/``decode()`` round trip, ``dequantized_model()``.
+* :func:`quantize_model_to_tbq` -> :class:`TBQ`: a real model (our GPT, a Hugging Face causal LM)
+  quantized layer by layer with calibration Hessians into a ``.tbq`` file (its size in bits is
+  the complexity C), resumable; :func:`load_tbq` reads and verifies one, :func:`apply_tbq`
+  writes the decoded weights into a model of the same architecture and returns C's parts
+  (``tokenbounds quantize`` on the command line).
 * Hadamard matrices of order K * 2^k: :mod:`tokenbounds.quant.hadamard_matrices`.
 
 Names are imported lazily so that ``import tokenbounds.quant.hadamard_matrices`` stays light.
@@ -23,6 +28,15 @@ _LAZY = {
     "collect_hessians": "model",
     "HessianAccumulator": "model",
     "e8_nearest": "codebooks",
+    "TBQ": "tbq",
+    "TBQError": "tbq",
+    "load_tbq": "tbq",
+    "parse_tbq": "tbq",
+    "apply_tbq": "tbq",
+    "architecture_of": "tbq",
+    "quantize_model_to_tbq": "layerwise",
+    "calibration_windows": "layerwise",
+    "QuantizeRunMismatch": "layerwise",
 }
 
 __all__ = ["hadamard_matrix", "is_supported_size", "next_supported_size", *_LAZY]

@@ -61,12 +61,15 @@ def collect_hessians(model: nn.Module, calibration_tokens, *, layers: dict[str, 
     acc: dict[str, HessianAccumulator] = {}
     owner: dict[str, str] = {}
     seen: dict[tuple, str] = {}
+    alive: list[torch.Tensor] = []  # inputs seen in this batch: their memory must not be reused
     handles = []
 
     def hook(name):
         def fn(module, inputs, output):
             x = inputs[0]
             if name not in owner:  # first batch: share H between layers reading the same tensor
+                # (a freed input's address can come back for another layer's input, so keep them alive)
+                alive.append(x)
                 key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
                 owner[name] = seen.setdefault(key, name)
                 if owner[name] == name:
@@ -82,6 +85,7 @@ def collect_hessians(model: nn.Module, calibration_tokens, *, layers: dict[str, 
             for batch in _batches(calibration_tokens):
                 seen.clear()
                 model(batch)
+                alive.clear()
     finally:
         for h in handles:
             h.remove()
@@ -103,6 +107,7 @@ class QuantizedModel:
     unquantized: dict[str, torch.Tensor]
     tied: dict[str, str] = field(default_factory=dict)  # state-dict alias -> stored name
     config: dict[str, Any] = field(default_factory=dict)
+    transposed: set[str] = field(default_factory=set)  # layers stored as W^T (GPT-2 Conv1D weights [in, out])
 
     @property
     def proxy_losses(self) -> dict[str, float]:
@@ -127,6 +132,8 @@ class QuantizedModel:
 
     def dequantized_state_dict(self) -> dict[str, torch.Tensor]:
         out = {n: q.dequantize() for n, q in self.layers.items()}
+        for n in getattr(self, "transposed", ()):  # absent in QuantizedModels pickled before it existed
+            out[n] = out[n].t().contiguous()
         out.update({n: t.clone() for n, t in self.unquantized.items()})
         for alias, name in self.tied.items():
             out[alias] = out[name]

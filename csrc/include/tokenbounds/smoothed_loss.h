@@ -41,8 +41,10 @@ TB_HD double target_logp(double target_logit, double row_max, double sum_exp) {
   return (target_logit - row_max) - log(sum_exp);
 }
 
-// Per-alpha constants, computed once on the host: log(1 - a) (-inf at a = 1) and log(a / V)
-// (-inf at a = 0, the unsmoothed loss).
+// Per-alpha constants log(1 - a) (-inf at a = 1) and log(a / V) (-inf at a = 0, the unsmoothed
+// loss). They are computed once per call, on the host, by these two functions
+// (tokenbounds._C.smoothing_constants, used by pyext/ops/losses.py), and passed as two float64
+// vectors to every backend: the CPU and CUDA ops and the Triton kernels.
 TB_HD double smoothing_log_keep(double alpha) { return log1p(-alpha); }
 TB_HD double smoothing_log_floor(double alpha, double vocab_size) {
   return alpha > 0.0 ? log(alpha) - log(vocab_size) : -INFINITY;
