@@ -26,10 +26,16 @@ The message (everything a decoder needs, every bit counted in :attr:`CodedModel.
   with an identity Hessian, vectors as float16; the frozen base is the seeded init, rebuilt from
   ``init_seed``.
 
-For a subspace model trained from scratch (``subspace``, ``sublora``), theta_0 is the seeded init
-and ``weights`` is None: the frozen base costs its seed. For a subspace on a pretrained base, ``weights`` codes that base (its
-size counts) and the subspace must have been trained on the *decoded* base
-(:func:`code_subspace` checks this), so the decoder rebuilds theta_0 exactly.
+* ``base`` (a :class:`tokenbounds.quant.QuantizedModel`, only for a model trained on a
+  *pretrained* base): the code of that base, loaded into the architecture before the adapters
+  are installed / the subspace is built, its size counted in full (``base_bits``); the header then
+  says ``"base": "coded"``.
+
+For a model trained from its seeded init (``subspace``, ``sublora``, ``lora``), the frozen base
+is rebuilt from ``init_seed``: it costs its seed. On a pretrained base the model must have been
+trained on the *decoded* base (``base.dequantized_model``; :func:`code_subspace` and
+:func:`code_trainable` rebuild the base as the decoder will and check every frozen value), so
+the decoder rebuilds theta_0 exactly.
 
 ``CodedModel.build()`` (also after ``decode(encode())``) returns the model that is evaluated:
 the rebuilt architecture carrying the decoded parameters, bit for bit those of
@@ -149,7 +155,11 @@ def quantize_trainable(
     LoRA factors with ``quantize_weight`` and the proxy Hessians of their inputs
     (:func:`factor_hessians` with ``types=(LoRALinear,)``), any other trainable matrix (e.g. an
     embedding, which is also the tied LM head) with an identity Hessian, vectors as float16;
-    trainable tensor i in parameter order gets Hadamard seed ``seed + i``.
+    trainable tensor i in parameter order gets Hadamard seed ``seed + i``. A tall matrix (more rows
+    than columns: LoRA's ``B`` [out, r], an embedding [V, d]) is coded as its transpose with an
+    identity Hessian (:func:`_coded_transposed`): ``quantize_weight`` pays a float16 scale per
+    row, 16 bits per r values of ``B`` otherwise; the decoder applies the same rule to the shapes
+    it rebuilds, so this costs no bits.
     """
     from ..quant import QuantizedModel, quantize_weight
     from ..quant.embedding import compact_unquantized
@@ -161,13 +171,21 @@ def quantize_trainable(
     layers, unquantized = {}, {}
     for i, (name, p) in enumerate(trainable):
         if p.dim() == 2:
-            layers[name] = quantize_weight(p.detach().to("cpu", torch.float32), hessians.get(name), bits=bits,
-                                           codebook=codebook, method=method, incoherence=incoherence, seed=seed + i)
+            w = p.detach().to("cpu", torch.float32)
+            flip = _coded_transposed(w.shape)
+            layers[name] = quantize_weight(w.t().contiguous() if flip else w, None if flip else hessians.get(name),
+                                           bits=bits, codebook=codebook, method=method, incoherence=incoherence,
+                                           seed=seed + i)
         else:
             unquantized[name] = p.detach().cpu().clone()
     config = {"bits": bits, "method": method, "codebook": codebook, "incoherence": incoherence, "seed": seed,
               "coded": "trainable parameters"}
     return compact_unquantized(QuantizedModel(layers=layers, unquantized=unquantized, config=config))
+
+
+def _coded_transposed(shape) -> bool:
+    """Whether :func:`quantize_trainable` codes a matrix of ``shape`` as its transpose (tall)."""
+    return len(shape) == 2 and shape[0] > shape[1]
 
 
 def _load_trainable(net: nn.Module, weights) -> None:
@@ -179,7 +197,11 @@ def _load_trainable(net: nn.Module, weights) -> None:
                          f"{sorted(params)[:5]}...: not a message for this architecture")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(decoded[name].to(p.dtype))
+            value = decoded[name].t() if _coded_transposed(p.shape) else decoded[name]
+            if value.shape != p.shape:
+                raise ValueError(f"the message codes {name!r} with shape {tuple(value.shape)}, the rebuilt "
+                                 f"model has {tuple(p.shape)}: not a message for this architecture")
+            p.copy_(value.to(p.dtype))
 
 
 def _evaluable(net: nn.Module) -> nn.Module:
@@ -194,8 +216,9 @@ def _evaluable(net: nn.Module) -> nn.Module:
 class CodedModel:
     """A compressed model's complete message (see the module docstring) and its decoder."""
 
-    header: dict[str, Any]  # counted: arch, spec, init_seed, subspace
+    header: dict[str, Any]  # counted: arch, spec, init_seed, subspace, base
     weights: Any = None  # tokenbounds.quant.QuantizedModel | None
+    base: Any = None  # tokenbounds.quant.QuantizedModel of a pretrained base | None
     coordinates: Any = None  # tokenbounds.quant.QuantizedWeight | None (z padded to [rows, Z_COLUMNS])
     checks: dict[str, Any] = field(default_factory=dict)  # uncounted, recomputable (D)
     model: nn.Module | None = field(default=None, repr=False, compare=False)  # the evaluated model
@@ -204,6 +227,7 @@ class CodedModel:
     def coded_bits_detail(self) -> dict[str, float]:
         return {
             "header_bits": _header_bits(self.header),
+            "base_bits": float(self.base.coded_bits) if self.base is not None else 0.0,
             "weights_bits": float(self.weights.coded_bits) if self.weights is not None else 0.0,
             "coordinates_bits": float(self.coordinates.coded_bits) if self.coordinates is not None else 0.0,
         }
@@ -230,12 +254,17 @@ class CodedModel:
         from .spec import build_base, parse_spec
 
         h = self.header
+        if (h.get("base") == "coded") != (self.base is not None):
+            raise ValueError("the header and the message disagree on whether a coded pretrained base is present")
         if base is None:
             if "gpt" not in h.get("arch", {}):
                 raise ValueError("the header does not describe a GPT; pass base= (the architecture with theta_0)")
-            net = build_base(GPTConfig(**h["arch"]["gpt"]), h["spec"], seed=int(h["init_seed"]))
+            net = build_base(GPTConfig(**h["arch"]["gpt"]), h["spec"], seed=int(h["init_seed"]),
+                             base_weights=self.base)
         else:
             net = base() if callable(base) and not isinstance(base, nn.Module) else base
+            if self.base is not None:
+                self.base.load_into(net)
         sub = h.get("subspace")
         if self.weights is not None:
             if sub is None and parse_spec(h["spec"]).adapter is not None:
@@ -254,6 +283,7 @@ class CodedModel:
         """The message as plain data (range-coded streams, float16 arrays, the JSON header)."""
         return {"format": FORMAT, "header": json.loads(json.dumps(self.header)), "checks": dict(self.checks),
                 "weights": None if self.weights is None else self.weights.encode(),
+                "base": None if self.base is None else self.base.encode(),
                 "coordinates": None if self.coordinates is None else self.coordinates.encode()}
 
     @classmethod
@@ -263,9 +293,10 @@ class CodedModel:
 
         if payload.get("format") != FORMAT:
             raise ValueError(f"not a tokenbounds.compress message (format={payload.get('format')!r})")
-        w, c = payload.get("weights"), payload.get("coordinates")
+        w, c, b = payload.get("weights"), payload.get("coordinates"), payload.get("base")
         return cls(header=dict(payload["header"]), checks=dict(payload.get("checks", {})),
                    weights=None if w is None else QuantizedModel.decode(w),
+                   base=None if b is None else QuantizedModel.decode(b),
                    coordinates=None if c is None else QuantizedWeight.decode(c))
 
     def summary(self) -> dict[str, Any]:
@@ -305,6 +336,25 @@ def code_parameters(
     return CodedModel(header=header, weights=qm, model=qm.dequantized_model(model).eval())
 
 
+def _check_rebuilds(module: nn.Module, spec: str, init_seed: int, base_weights, *, frozen_only: bool) -> None:
+    """Rebuild ``spec``'s base as the decoder will (:func:`~tokenbounds.compress.spec.build_base`
+    from ``init_seed`` and ``base_weights``) and check that every parameter of ``module`` the
+    message does not code (the frozen ones, or all of them for the theta_0 of a subspace) has
+    exactly the rebuilt value."""
+    from .spec import build_base
+
+    rebuilt = dict(build_base(module.config, spec, seed=init_seed, base_weights=base_weights).named_parameters())
+    where = "the decoded base_weights" if base_weights is not None else f"the seeded init at seed {init_seed}"
+    for name, p in module.named_parameters():
+        if frozen_only and p.requires_grad:
+            continue
+        if name not in rebuilt or not torch.equal(rebuilt[name].detach(), p.detach()):
+            raise ValueError(
+                f"theta_0 of {name!r} differs from {where} (spec {spec!r}): the decoder could not rebuild it; "
+                "build the model with tokenbounds.compress.build_model(config, spec, seed=init_seed, "
+                "base_weights=...) and train that")
+
+
 def code_trainable(
     model: nn.Module,
     calibration_tokens,
@@ -316,25 +366,25 @@ def code_trainable(
     method: str = "ldlq",
     incoherence: bool = True,
     quant_seed: int = 0,
+    base_weights=None,
 ) -> CodedModel:
     """Code a trained LoRA GPT (spec ``lora:...``) by its trainable parameters only
-    (:func:`quantize_trainable`); the frozen base is rebuilt from ``init_seed`` by the decoder, so
-    ``CodedModel.model`` is the decoder's own output (adapters merged)."""
-    from .spec import build_base, parse_spec
+    (:func:`quantize_trainable`); the frozen base is rebuilt by the decoder from ``init_seed``
+    (a seeded init: costs the seed) or from ``base_weights`` (the QuantizedModel of a pretrained
+    base, carried in the message and counted), so ``CodedModel.model`` is the decoder's own
+    output (adapters merged)."""
+    from .spec import parse_spec
 
     sp = parse_spec(spec)
     if sp.adapter is None or sp.subspace is not None:
         raise ValueError(f"code_trainable codes 'lora:...' specs, got {spec!r}")
-    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
-    rebuilt = dict(build_base(model.config, sp, seed=init_seed).named_parameters())
-    for name, p in frozen.items():
-        if name not in rebuilt or not torch.equal(rebuilt[name].detach(), p.detach()):
-            raise ValueError(f"the frozen parameter {name!r} is not the seeded init of {spec!r} at seed "
-                             f"{init_seed}: the decoder could not rebuild it")
+    _check_rebuilds(model, str(sp), init_seed, base_weights, frozen_only=True)
     qm = quantize_trainable(model, calibration_tokens, bits=bits, codebook=codebook, method=method,
                             incoherence=incoherence, seed=quant_seed)
     header = {"arch": _gpt_arch(model), "spec": str(sp), "init_seed": int(init_seed)}
-    code = CodedModel(header=header, weights=qm)
+    if base_weights is not None:
+        header["base"] = "coded"
+    code = CodedModel(header=header, weights=qm, base=base_weights)
     code.model = code.build()
     return code
 
@@ -354,15 +404,21 @@ def code_subspace(
 ) -> CodedModel:
     """Code a trained :class:`SubspaceModel`: its coordinates z quantized and range-coded, the
     projector by its seed, theta_0 by ``init_seed`` (a seeded init) or by ``base_weights`` (the
-    QuantizedModel of a pretrained base, whose decoded values must be theta_0 exactly).
+    QuantizedModel of a pretrained base, whose decoded values must be theta_0 exactly; carried in
+    the message and counted).
 
+    For a GPT (``arch`` None) the base is rebuilt as the decoder will and every value of theta_0
+    checked; with a custom ``arch`` (decoded with ``build(base=...)``) only the subspace
+    parameters present in ``base_weights`` are.
     ``CodedModel.model`` is ``sub.materialize(decoded z)``: the model to evaluate.
     """
     from ..quant import quantize_weight
 
     if not isinstance(sub, SubspaceModel):
         raise TypeError(f"sub must be a SubspaceModel, got {type(sub).__name__}")
-    if base_weights is not None:
+    if arch is None:
+        _check_rebuilds(sub.module, str(spec), init_seed, base_weights, frozen_only=False)
+    elif base_weights is not None:
         decoded = base_weights.dequantized_state_dict()
         params = dict(sub.module.named_parameters())
         for name in sub.names:
@@ -378,6 +434,8 @@ def code_subspace(
                              seed=quant_seed)
     header = {"arch": arch if arch is not None else _gpt_arch(sub.module), "spec": str(spec),
               "init_seed": int(init_seed), "subspace": {"d": sub.dim, "projector": sub.projector.kind, "seed": sub.seed}}
-    code = CodedModel(header=header, weights=base_weights, coordinates=coords, checks={"D": sub.num_parameters})
+    if base_weights is not None:
+        header["base"] = "coded"
+    code = CodedModel(header=header, base=base_weights, coordinates=coords, checks={"D": sub.num_parameters})
     code.model = _evaluable(sub.materialize(code.z()))
     return code

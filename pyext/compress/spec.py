@@ -31,13 +31,16 @@ at most one subspace step; ``lora`` and ``sublora`` stand alone.
 the wrapped linears) -- or an fnmatch pattern on parameter names; each item must name a
 parameter.
 
-**The frozen base.** These specs build the model from scratch, as the demo trains its models, so
-the base the adapters are added to is the *seeded random init* of the GPT: it costs only its
-seed (and the architecture) in the code, as in Lotfi et al. (2024, arXiv 2407.18158), who train
-SubLoRA from a random init. A LoRA-only model then learns a low-rank update of random weights on
-top of a random, frozen token embedding; ``train=embeddings|...`` (SubLoRA's default) trains the
-embedding too, inside the subspace, where it costs no extra coded bits. (A pretrained base whose
-coded size is counted is :func:`tokenbounds.compress.code_subspace` with ``base_weights``.)
+**The frozen base.** By default these specs build the model from scratch, as the demo trains its
+models, so the base the adapters are added to is the *seeded random init* of the GPT: it costs
+only its seed (and the architecture) in the code, as in Lotfi et al. (2024, arXiv 2407.18158),
+who train SubLoRA from a random init. A LoRA-only model then learns a low-rank update of random
+weights on top of a random, frozen token embedding; ``train=embeddings|...`` (SubLoRA's default)
+trains the embedding too, inside the subspace, where it costs no extra coded bits. A *pretrained*
+base is ``base_weights=`` (a :class:`tokenbounds.quant.QuantizedModel` of the plain architecture,
+e.g. the demo's post-training-quantized model) of :func:`build_model`,
+:func:`tokenbounds.compress.train_candidate` and :func:`tokenbounds.compress.compress_candidate`:
+the adapters train on its decoded weights and the message carries its code, counted in full.
 
 ``build_model(config, spec, seed=s)`` builds the model a spec describes from a seed, bit for bit
 the same on every call (the decoder calls :func:`build_base` too): GPT init from
@@ -59,6 +62,7 @@ __all__ = [
     "build_model",
     "lora_seed",
     "parse_spec",
+    "split_specs",
     "subspace_lr",
     "subspace_seed",
 ]
@@ -199,6 +203,25 @@ def parse_spec(spec: str | CompressionSpec) -> CompressionSpec:
                            subspace=subspace[0] if subspace else None, steps=real)
 
 
+def split_specs(text: str) -> list[str]:
+    """Split a comma-separated list of specs (``tokenbounds demo --compression``), where a spec's
+    own options are comma-separated too: an item ``key=value`` without a ``:`` continues the
+    previous spec, anything else starts a new one. ``"sublora:rank=4,d=2000,kron"`` ->
+    ``["sublora:rank=4,d=2000", "kron"]``."""
+    out: list[str] = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"empty spec in the list {text!r}; separate specs with single commas")
+        if "=" in item and ":" not in item and "+" not in item:
+            if not out:
+                raise ValueError(f"the list {text!r} starts with an option ({item!r}), not a spec such as 'kron'")
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    return out
+
+
 def subspace_seed(seed: int) -> int:
     """Seed of the projector of a model built from ``seed``."""
     return int(seed) + 2
@@ -253,11 +276,18 @@ def _install_lora(model, step: SpecStep, seed: int) -> None:
         params[name].requires_grad_(True)
 
 
-def build_base(config, spec: str | CompressionSpec, *, seed: int = 0):
+def build_base(config, spec: str | CompressionSpec, *, seed: int = 0, base_weights=None):
     """The GPT ``spec`` describes before any subspace wrapping, built from ``seed`` (see the module
     docstring): a :class:`~tokenbounds.models.gpt.GPT`, its linears swapped for structured ones
     when the spec has a kron / monarch step, or wrapped with LoRA adapters (everything but the
-    adapters and the ``train`` parameters frozen) for a lora / sublora spec."""
+    adapters and the ``train`` parameters frozen) for a lora / sublora spec.
+
+    ``base_weights``: a pretrained base instead of the seeded init -- a
+    :class:`tokenbounds.quant.QuantizedModel` of this architecture (before adapters), whose
+    *decoded* values are loaded before the adapters are installed (so the decoder, which has the
+    same message, rebuilds the same base; its coded size is counted by the message that carries
+    it, :class:`tokenbounds.compress.CodedModel`). The seeds still fix the LoRA ``A`` init and
+    the projector."""
     import torch
 
     from ..models.gpt import GPT
@@ -274,6 +304,11 @@ def build_base(config, spec: str | CompressionSpec, *, seed: int = 0):
         layers = opts.pop("layers", None)
         include = layers.split("|") if layers else None
         replace_linears(model, sp.structure.kind, include=include, init="match", seed=seed + 1, **opts)
+    if base_weights is not None:
+        try:
+            base_weights.load_into(model)
+        except ValueError as exc:
+            raise ValueError(f"base_weights do not fit the architecture of spec {str(sp)!r}: {exc}") from None
     if sp.adapter is not None:
         try:
             _install_lora(model, sp.adapter, seed)
@@ -282,15 +317,15 @@ def build_base(config, spec: str | CompressionSpec, *, seed: int = 0):
     return model
 
 
-def build_model(config, spec: str | CompressionSpec, *, seed: int = 0):
-    """:func:`build_base`, wrapped in a :class:`~tokenbounds.compress.subspace.SubspaceModel`
-    (projector seed :func:`subspace_seed`) for a spec with a subspace step."""
+def build_model(config, spec: str | CompressionSpec, *, seed: int = 0, base_weights=None):
+    """:func:`build_base` (``base_weights``: a pretrained base, see there), wrapped in a
+    :class:`~tokenbounds.compress.subspace.SubspaceModel` (projector seed :func:`subspace_seed`)
+    for a spec with a subspace step."""
+    from .lora import adapters
     from .subspace import SubspaceModel
 
-    from .lora import adapters
-
     sp = parse_spec(spec)
-    model = build_base(config, sp, seed=seed)
+    model = build_base(config, sp, seed=seed, base_weights=base_weights)
     if sp.subspace is not None:
         try:
             model = SubspaceModel(model, sp.subspace.get("d"), seed=subspace_seed(seed),

@@ -368,7 +368,7 @@ def _code_candidate(entry: GridCandidate, model, trained, calib, seed: int, arch
                           incoherence=q.incoherence, quant_seed=seed)
     d = code.coded_bits_detail  # the header holds the architecture, the spec and the seeds
     proxy = code.weights.summary()["mean_proxy_loss"] if code.weights is not None else None
-    return _Coded(code.encode(), code.model, d["weights_bits"] + d["coordinates_bits"], d["header_bits"], d, proxy)
+    return _Coded(code.encode(), code.model, code.coded_bits - d["header_bits"], d["header_bits"], d, proxy)
 
 
 def _decoded_model(entry: GridCandidate, path: str, model):
