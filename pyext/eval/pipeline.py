@@ -772,7 +772,9 @@ def format_markdown(result: dict[str, Any]) -> str:
         f"* extra bits = {ex['selection_bits']:g} (`selection_bits`: the demo's hyper-parameters were tuned on "
         "this corpus — vocabulary, context, widths, learning rate, grid, evaluation stride; up to 1024 "
         f"configurations) + {ex['quantization_choice_bits']:.3f} (log2 K: best of K = "
-        f"{models[0]['quantization']['num_candidates']} quantizers, chosen on a window-unit sample of "
+        f"{models[0]['quantization']['num_candidates']} "
+        + ("candidates (parametrizations x quantizers)" if cfg.get("compression") else "quantizers")
+        + ", chosen on a window-unit sample of "
         f"{cfg['select_tokens']:,} draws with its own seed {cfg['select_seed']}, used for nothing else).",
         "* Full passes: every training token is evaluated, so the empirical loss and the Freedman variance "
         "are exact and there is **no sampling term left to pay** (the sampling columns are 0); the "
@@ -790,8 +792,9 @@ def format_markdown(result: dict[str, Any]) -> str:
             f"* Compression candidates ({', '.join(f'`{c}`' for c in cfg['compression'])}): each trained from its "
             "seeded init (the frozen base of lora / sublora is that init, costing its seed) with the dense model's "
             "training config, i.e. the same D training tokens in the same order, then coded with each quantizer of "
-            "the grid; they are among the K candidates, so log2 K pays for them, and the list of specs is one of "
-            "the configuration choices `selection_bits` pays for.")
+            "the grid; they are among the K candidates, so log2 K pays for them. The list of specs is fixed on the "
+            "command line before the run; a list chosen after seeing earlier runs' results on this corpus is a "
+            "further choice these bounds do not pay (add its log2 to the extra bits).")
     out.append("")
     out.append("## Quantization candidates (selection sample, bound predicted for a full pass)")
     out.append("")
