@@ -33,16 +33,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", type=float, default=None, help="failure probability of each bound (default 0.05)")
     p.add_argument("--tiny", action="store_true",
                    help="a seconds-long run on a built-in text with 3 tiny models (for tests; vacuous bounds)")
-    p.add_argument("--compression", nargs="+", metavar="SPEC[,SPEC...]", default=None,
+    p.add_argument("--compression", action="append", metavar="SPEC[,SPEC...]", default=None,
                    help="compressed parametrizations to add to the paid grid at every model size, each trained "
                         "from its seeded init (the frozen base of lora / sublora costs its seed) with the "
                         "dense model's training config (the same D tokens in the same order) and coded with "
                         "every quantizer of the grid (subspace coordinates: its rtn variants only); K, and so "
                         "the log2 K bits every bound pays, counts them all. tokenbounds.compress specs, "
-                        "comma- or space-separated: 'sublora:rank=4,d=2000', 'lora:rank=4', "
+                        "comma-separated (or the option repeated): 'sublora:rank=4,d=2000', 'lora:rank=4', "
                         "'subspace:d=2000', 'kron:rank=2', 'monarch:blocks=4', 'kron+subspace:d=1000' (an "
                         "item key=value continues the previous spec). Each adds a training run per model "
-                        "size. Default: none, the dense model only (make demo's budget)")
+                        "size. By default none: the dense model only, within make demo's budget")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads; 0 = automatic (1 when the machine is already busy, since "
