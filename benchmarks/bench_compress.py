@@ -27,7 +27,8 @@ s training tokens drawn uniformly with replacement (seed 1, the same tokens for 
 the bounds pay the sampling term (a full pass over the 4.6 M training tokens is not affordable
 with the per-token evaluator). Bounds (``tokenbounds.bounds.from_stats``) at delta = 0.05 with
 extra bits = 10 (hyper-parameters chosen on this corpus, as the demo) + log2 K (K rows, so the
-best row is itself a valid bound). Budget with --size S: about 4-5 minutes on one busy core.
+best row is itself a valid bound). Budget with --size S: 11 trainings of ~25 s plus evaluation,
+about 6 minutes on a quiet core (708 s at load 9 on the shared 2-core machine).
 Writes benchmarks/results/compress.md / .json / .png (bound and loss vs coded bits); the README
 quotes the .md.
 """
