@@ -190,11 +190,9 @@ def test_bad_arguments(tmp_path, capsys):
     for bad, msg in [("qlora:rank=2", "unknown compression 'qlora'"), ("lora", "needs the option rank="),
                      ("kron,,monarch", "empty spec"), ("kron,kron", "given twice"),
                      ("lora:rank=999", "does not fit model S"), ("sublora:rank=2,d=99999999", "exceeds")]:
-        t0 = time.perf_counter()
         assert main([*base, "--compression", bad]) == 2
         out = capsys.readouterr().out
         assert "error:" in out and msg in out, (bad, out)
-        assert time.perf_counter() - t0 < 10
     assert not os.path.exists(tmp_path / "c" / "pipeline")  # nothing was trained
 
 
