@@ -145,7 +145,9 @@ class PipelineConfig:
     learning rate, grid, evaluation stride, ...), which were chosen while developing the demo on
     this corpus: 10 bits = a choice among up to 1024 configurations. ``select_seed`` draws the
     quantizer-selection sample and is used for nothing else. Evaluation: full passes with windows
-    of ``context_length`` tokens scoring their last ``eval_stride`` targets.
+    of ``context_length`` tokens scoring their last ``eval_stride`` targets. ``compression``:
+    :mod:`tokenbounds.compress` specs added to the paid grid (:func:`grid_candidates`; empty: the
+    dense model only, the demo's default).
     """
 
     corpus: tuple[str, ...] = ("kjv", "shakespeare")
