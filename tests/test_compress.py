@@ -580,6 +580,14 @@ def test_lora_and_sublora_on_a_coded_pretrained_base():
         assert not _same_state(seeded, decoded)  # control: the base matters to the decoded model
     with pytest.raises(ValueError, match="base_weights do not fit"):
         build_model(SMALL, "kron", seed=0, base_weights=base)
+    with pytest.raises(ValueError, match="trains on the pretrained base 'ptq4': pass its code as base_weights"):
+        compress_candidate("lora:rank=2,base=ptq4", SMALL, tokens, tcfg)
+    named = compress_candidate("lora:rank=2,base=ptq4", SMALL, tokens, tcfg, seed=5, base_weights=base)
+    payload = named.code.encode()
+    assert _same_state(named.model, CodedModel.decode(payload).build())
+    with pytest.raises(ValueError, match="coded pretrained base"):  # the spec says a base must be there
+        CodedModel.decode({**payload, "base": None, "header": {k: v for k, v in payload["header"].items()
+                                                              if k != "base"}}).build()
 
 
 def test_lora_sublora_bad_inputs_give_clear_errors():

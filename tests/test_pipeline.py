@@ -134,6 +134,7 @@ def test_grid_counts_every_compression_candidate():
                or e.parametrization.startswith("sublora"))
     assert {e.parametrization for e in entries} == {"dense", "subspace:d=2000", "lora:rank=4", "sublora:rank=4,d=2000"}
     for bad, msg in [(("dense",), "always in the grid"), (("kron", "kron"), "given twice"),
+                     (("lora:rank=2,base=uniform5-rtn",), "names no quantizer of the grid"),
                      (("qlora:rank=2",), "unknown compression 'qlora'")]:
         with pytest.raises(ValueError, match=msg):
             grid_candidates(replace(DEMO_CONFIG, compression=bad))
@@ -158,18 +159,19 @@ def test_pipeline_with_a_compression_candidate(tmp_path):
     from tokenbounds.eval.pipeline import format_markdown, run_pipeline
 
     spec = "sublora:rank=2,d=100"
-    cfg = replace(TINY_CONFIG, sizes=TINY_CONFIG.sizes[-1:], compression=(spec, "lora:rank=2"))
+    on_base = "lora:rank=2,base=uniform4-rtn"  # LoRA on the dense model quantized by the grid's uniform4-rtn
+    cfg = replace(TINY_CONFIG, sizes=TINY_CONFIG.sizes[-1:], compression=(spec, "lora:rank=2", on_base))
     lines: list[str] = []
     res = run_pipeline(cfg, str(tmp_path / "cache"), progress=False, log=lines.append)
     (m,) = res["models"]
-    k = 3 * len(TINY_CONFIG.grid)  # the tiny grid is all rtn: each quantizer once per parametrization
+    k = 4 * len(TINY_CONFIG.grid)  # the tiny grid is all rtn: each quantizer once per parametrization
     q = m["quantization"]
     assert q["num_candidates"] == len(q["candidates"]) == k
     assert m["code_length"]["extra_bits"] == pytest.approx(cfg.selection_bits + math.log2(k))
     assert q["chosen"] == min(q["candidates"], key=lambda c: c["predicted_bound_bits"])["label"]
     comp = m["compression"]
-    assert [r["parametrization"] for r in comp["parametrizations"]] == ["dense", spec, "lora:rank=2"]
-    sub, lora = comp["parametrizations"][1:]
+    assert [r["parametrization"] for r in comp["parametrizations"]] == ["dense", spec, "lora:rank=2", on_base]
+    sub, lora, _ = comp["parametrizations"][1:]
     assert lora["training"]["trained_values"] == sum(2 * (i + o) for i, o in ((24, 72), (24, 24), (24, 96), (96, 24)))
     assert sub["training"]["tokens"] == m["training"]["tokens"]  # equal training tokens
     assert sub["training"]["trained_values"] == 100
@@ -181,6 +183,10 @@ def test_pipeline_with_a_compression_candidate(tmp_path):
         if c["parametrization"] == "lora:rank=2":  # the adapters only: far below the dense code
             dense_c = next(d for d in q["candidates"] if d["label"] == c["label"].rpartition(" @ ")[2])
             assert 0 < c["model_coded_bits"] < 0.5 * dense_c["model_coded_bits"]
+        if c["parametrization"] == on_base:  # the pretrained base's whole code is counted
+            base = next(d for d in q["candidates"] if d["label"] == "uniform4-rtn")
+            assert c["coded_bits_detail"]["base_bits"] == base["model_coded_bits"]
+            assert c["model_coded_bits"] > base["model_coded_bits"]
         assert c["coded_bits"] == pytest.approx(c["model_coded_bits"] + c["architecture_bits"]
                                                 + res["corpus"]["tokenizer_bits"])
     md = format_markdown(res)

@@ -41,7 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the log2 K bits every bound pays, counts them all. tokenbounds.compress specs, "
                         "comma-separated (or the option repeated): 'sublora:rank=4,d=2000', 'lora:rank=4', "
                         "'subspace:d=2000', 'kron:rank=2', 'monarch:blocks=4', 'kron+subspace:d=1000' (an "
-                        "item key=value continues the previous spec). Each adds a training run per model "
+                        "item key=value continues the previous spec); a lora / sublora spec with "
+                        "base=LABEL (e.g. 'lora:rank=4,base=uniform4-ldlq') trains on the dense model "
+                        "quantized with the grid's quantizer LABEL instead, its code counted. Each adds a "
+                        "training run per model "
                         "size. By default none: the dense model only, within make demo's budget")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=0,

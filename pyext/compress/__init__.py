@@ -55,7 +55,15 @@ from .lora import (
     wrap_linears,
 )
 from .monarch import MonarchLinear
-from .spec import CompressionSpec, build_base, build_model, parse_spec, split_specs, subspace_lr
+from .spec import (
+    CompressionSpec,
+    build_base,
+    build_model,
+    parse_spec,
+    pretrained_base,
+    split_specs,
+    subspace_lr,
+)
 from .subspace import DenseProjector, KroneckerProjector, SubspaceModel, make_projector
 from .swap import replace_linears, structured_layer
 
@@ -87,6 +95,7 @@ __all__ = [
     "make_projector",
     "merge_adapters",
     "parse_spec",
+    "pretrained_base",
     "split_specs",
     "quantize_parameters",
     "quantize_trainable",

@@ -251,14 +251,17 @@ class CodedModel:
         (:func:`tokenbounds.compress.spec.build_base`).
         """
         from ..models.gpt import GPTConfig
-        from .spec import build_base, parse_spec
+        from .spec import build_base, parse_spec, pretrained_base
 
         h = self.header
+        disagree = ValueError("the header and the message disagree on whether a coded pretrained base is present")
         if (h.get("base") == "coded") != (self.base is not None):
-            raise ValueError("the header and the message disagree on whether a coded pretrained base is present")
+            raise disagree
         if base is None:
             if "gpt" not in h.get("arch", {}):
                 raise ValueError("the header does not describe a GPT; pass base= (the architecture with theta_0)")
+            if pretrained_base(h["spec"]) is not None and self.base is None:
+                raise disagree
             net = build_base(GPTConfig(**h["arch"]["gpt"]), h["spec"], seed=int(h["init_seed"]),
                              base_weights=self.base)
         else:

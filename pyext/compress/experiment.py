@@ -23,7 +23,7 @@ import numpy as np
 import torch.nn as nn
 
 from .coding import CodedModel, _evaluable, code_parameters, code_subspace, code_trainable
-from .spec import CompressionSpec, build_model, parse_spec, subspace_lr
+from .spec import CompressionSpec, build_model, parse_spec, pretrained_base, subspace_lr
 
 __all__ = [
     "Candidate",
@@ -100,6 +100,9 @@ def train_candidate(
     from ..eval.train import train
 
     sp = parse_spec(spec)
+    if pretrained_base(sp) is not None and base_weights is None:
+        raise ValueError(f"spec {str(sp)!r} trains on the pretrained base {pretrained_base(sp)!r}: pass its code "
+                         "as base_weights= (a tokenbounds.quant.QuantizedModel of the plain architecture)")
     model = build_model(config, sp, seed=seed, base_weights=base_weights)
     tcfg = train_config
     if sp.subspace is not None:

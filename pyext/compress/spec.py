@@ -31,6 +31,10 @@ at most one subspace step; ``lora`` and ``sublora`` stand alone.
 the wrapped linears) -- or an fnmatch pattern on parameter names; each item must name a
 parameter.
 
+``base`` (of lora / sublora): ``init`` (default: the seeded init) or the name of a pretrained
+base the caller supplies as ``base_weights`` (see below); ``tokenbounds demo`` reads it as a
+quantizer label of its grid, e.g. ``base=uniform4-ldlq``: the demo's dense model quantized with it.
+
 **The frozen base.** By default these specs build the model from scratch, as the demo trains its
 models, so the base the adapters are added to is the *seeded random init* of the GPT: it costs
 only its seed (and the architecture) in the code, as in Lotfi et al. (2024, arXiv 2407.18158),
@@ -62,6 +66,7 @@ __all__ = [
     "build_model",
     "lora_seed",
     "parse_spec",
+    "pretrained_base",
     "split_specs",
     "subspace_lr",
     "subspace_seed",
@@ -80,7 +85,7 @@ def subspace_lr(base_lr: float, num_parameters: int, dim: int) -> float:
     """Default Adam learning rate of the subspace coordinates: ``2 lr sqrt(D / d)``."""
     return SUBSPACE_LR_SCALE * float(base_lr) * (num_parameters / dim) ** 0.5
 
-_LORA_OPTIONS: dict[str, type] = {"rank": int, "targets": str, "alpha": float, "train": str}
+_LORA_OPTIONS: dict[str, type] = {"rank": int, "targets": str, "alpha": float, "train": str, "base": str}
 _SUBSPACE_OPTIONS: dict[str, type] = {"d": int, "projector": str, "lr": float}
 _OPTIONS: dict[str, dict[str, type]] = {
     "dense": {},
@@ -220,6 +225,16 @@ def split_specs(text: str) -> list[str]:
         else:
             out.append(item)
     return out
+
+
+def pretrained_base(spec: str | CompressionSpec) -> str | None:
+    """The ``base=`` name of a lora / sublora spec trained on a pretrained base (None: the seeded
+    init, or a spec without adapters)."""
+    sp = parse_spec(spec)
+    if sp.adapter is None:
+        return None
+    base = sp.adapter.get("base", "init")
+    return None if base == "init" else base
 
 
 def subspace_seed(seed: int) -> int:

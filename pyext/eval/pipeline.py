@@ -20,7 +20,9 @@ For each model size N (parameters, tied embedding counted once):
    window-unit sample (``select_tokens`` draws, its own seed ``select_seed``, used nowhere else).
    **Compression candidates** (``compression``: spec strings of :mod:`tokenbounds.compress`, e.g.
    ``"subspace:d=2000"``, ``"sublora:rank=4,d=2000"``, ``"kron:rank=2"``; none by default) join
-   the same grid: each spec's model is trained from its seeded init with the dense model's
+   the same grid: each spec's model is trained from its seeded init (a lora / sublora spec with
+   ``base=LABEL``: on the dense model quantized with the grid's quantizer LABEL, its code counted)
+   with the dense model's
    training config (the same steps x batch, so the same D training tokens and data order; the
    subspace learning-rate rule of :func:`tokenbounds.compress.subspace_lr` for subspace specs),
    coded (:func:`tokenbounds.compress.code_candidate`) with each quantizer choice of the grid
@@ -201,7 +203,7 @@ COMPRESS_RECIPE = "compress/1: build_model(seed) + train_candidate(dense TrainCo
 
 def compression_specs(cfg: PipelineConfig) -> list[str]:
     """The config's compression specs, parsed and in canonical form (ValueError on a bad one)."""
-    from ..compress import parse_spec
+    from ..compress import parse_spec, pretrained_base
 
     specs = []
     for raw in cfg.compression:
@@ -213,6 +215,11 @@ def compression_specs(cfg: PipelineConfig) -> list[str]:
             raise ValueError("--compression 'dense': the dense model is always in the grid; name other specs")
         if spec in specs:
             raise ValueError(f"--compression {raw!r} is given twice")
+        base = pretrained_base(spec)
+        if base is not None and base not in [q.label for q in cfg.grid]:
+            raise ValueError(f"--compression {raw!r}: base={base!r} names no quantizer of the grid; use init (the "
+                             f"seeded init) or one of {', '.join(q.label for q in cfg.grid)} (the dense model "
+                             "quantized with it)")
         specs.append(spec)
     return specs
 
@@ -316,23 +323,42 @@ def _check_compression(specs: list[str], cfg: PipelineConfig, vocab_size: int) -
                                  f"{size.n_layer} layer(s), N={mcfg.num_parameters():,}): {e}") from None
 
 
+def _pretrained_base(spec: str, model, tokens, cfg: PipelineConfig):
+    """The code of a ``base=LABEL`` spec's pretrained base: the trained dense model quantized with
+    the grid's quantizer LABEL, exactly as its dense grid candidate (same calibration and seed), or
+    None for a spec on the seeded init."""
+    from ..compress import pretrained_base
+
+    label = pretrained_base(spec)
+    if label is None:
+        return None
+    index = [q.label for q in cfg.grid].index(label)
+    entry = GridCandidate(cfg.grid[index], index)
+    return _quantize_candidate(model, _calibration_tokens(tokens, cfg), entry.quant, seed=entry.seed(cfg))
+
+
 def _train_compressed(spec: str, mcfg, tcfg, tokens, mdir: str, cfg: PipelineConfig, dense_tokens: int, *,
-                      name: str, progress: bool, log: Callable[[str], None]):
+                      name: str, progress: bool, log: Callable[[str], None], base_weights=None):
     """Train (or resume / reload from its checkpoint) one compression spec with the dense model's
-    training config; returns (TrainedCandidate, training summary). Cached under ``mdir`` (keyed
-    by corpus, model and training config) in a directory keyed by the spec, seed and recipe."""
+    training config (on ``base_weights``, the code of a pretrained base, when the spec names
+    one); returns (TrainedCandidate, training summary). Cached under ``mdir`` (keyed by corpus,
+    model and training config) in a directory keyed by the spec, seed and recipes."""
     from ..compress import train_candidate
 
-    cdir = os.path.join(mdir, "compress-" + short_hash({"spec": spec, "seed": cfg.seed, "recipe": COMPRESS_RECIPE}))
+    key = {"spec": spec, "seed": cfg.seed, "recipe": COMPRESS_RECIPE}
+    if base_weights is not None:
+        key["base"] = {"recipe": QUANT_RECIPE, "calibration": [cfg.calibration_sequences, cfg.calibration_seed]}
+    cdir = os.path.join(mdir, "compress-" + short_hash(key))
     os.makedirs(cdir, exist_ok=True)
     done = os.path.join(cdir, "train.json")
+    start = "its seeded init" if base_weights is None else "the quantized dense model"
     if os.path.exists(done):
         log(f"[{name}] {spec}: reusing the trained candidate in {cdir}")
     else:
-        log(f"[{name}] {spec}: training from its seeded init, {tcfg.steps} steps x "
+        log(f"[{name}] {spec}: training from {start}, {tcfg.steps} steps x "
             f"{tcfg.batch_size * mcfg.context_length} tokens (the dense model's budget)")
     trained = train_candidate(spec, mcfg, tokens, tcfg, seed=cfg.seed, checkpoint_path=os.path.join(cdir, "checkpoint.pt"),
-                              progress=progress and not os.path.exists(done), log=log)
+                              progress=progress and not os.path.exists(done), log=log, base_weights=base_weights)
     res = trained.train_result
     if res.tokens_seen != dense_tokens:
         raise RuntimeError(f"{spec} saw {res.tokens_seen} training tokens, the dense model {dense_tokens}")
@@ -504,7 +530,8 @@ def run_pipeline(
         trained_c, compression_info = {}, {}
         for spec in specs:
             trained_c[spec], compression_info[spec] = _train_compressed(
-                spec, mcfg, tcfg, tokens, mdir, cfg, d_tokens, name=size.name, progress=progress, log=log)
+                spec, mcfg, tcfg, tokens, mdir, cfg, d_tokens, name=size.name, progress=progress, log=log,
+                base_weights=_pretrained_base(spec, model, tokens, cfg))
         if specs:
             tm["train_compressed"] = time.perf_counter() - t
 
@@ -792,7 +819,9 @@ def format_markdown(result: dict[str, Any]) -> str:
     if cfg.get("compression"):
         out.append(
             f"* Compression candidates ({', '.join(f'`{c}`' for c in cfg['compression'])}): each trained from its "
-            "seeded init (the frozen base of lora / sublora is that init, costing its seed) with the dense model's "
+            "seeded init (the frozen base of lora / sublora is that init, costing its seed; with base=LABEL it is "
+            "the dense model quantized with LABEL, whose whole code is counted in C, after the dense model's own "
+            "training, so twice its compute) with the dense model's "
             "training config, i.e. the same D training tokens in the same order, then coded with each quantizer of "
             "the grid; they are among the K candidates, so log2 K pays for them. The list of specs is fixed on the "
             "command line before the run; a list chosen after seeing earlier runs' results on this corpus is a "
