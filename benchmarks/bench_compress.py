@@ -1,6 +1,6 @@
 """Compression by parametrization at equal training compute (issue 15): coded bits, empirical loss
-and bounds of post-training quantization, subspace training (SubLoRA's projector) and Kronecker /
-Monarch layers, on the demo corpus.
+and bounds of post-training quantization, subspace training, SubLoRA and Kronecker / Monarch
+layers, on the demo corpus.
 
     python benchmarks/bench_compress.py [--size S|M|L] [--sample-tokens 10000] [--bits 4]
                                         [--threads 0] [--fresh] [--quick]
@@ -13,9 +13,12 @@ training tokens (its wall time is reported too). Then:
 * ``dense``: post-training quantization of the trained dense model at 2, 3 and 4 bits (uniform
   grid, LDLQ; ``tokenbounds.compress.quantize_parameters`` = the demo's quantize_model +
   embeddings + float16 recipe);
-* ``subspace:d=...``: every parameter in a seeded d-dimensional subspace around the seeded init
-  (SubLoRA's projector over all parameters: no LoRA adapters until tokenbounds.compress.lora
-  lands), z coded at ``--bits``;
+* ``subspace:d=...``: every parameter in a seeded d-dimensional subspace around the seeded init,
+  z coded at ``--bits``;
+* ``sublora:rank=4,d=...`` (SubLoRA, Lotfi et al. 2023, arXiv 2312.17173): rank-4 LoRA adapters
+  on every untied linear of the seeded (frozen) init, and the embeddings, LayerNorms and biases,
+  all in one seeded d-dimensional subspace; z coded at ``--bits`` (at the same d as the subspace
+  rows, so the two differ only in which space P maps into);
 * ``kron`` / ``monarch``: every untied linear layer replaced, all parameters coded at ``--bits``.
 
 Coded bits C = the candidate's message (``CodedModel.coded_bits``: header JSON with architecture,
@@ -24,7 +27,8 @@ s training tokens drawn uniformly with replacement (seed 1, the same tokens for 
 the bounds pay the sampling term (a full pass over the 4.6 M training tokens is not affordable
 with the per-token evaluator). Bounds (``tokenbounds.bounds.from_stats``) at delta = 0.05 with
 extra bits = 10 (hyper-parameters chosen on this corpus, as the demo) + log2 K (K rows, so the
-best row is itself a valid bound). Budget with --size S: about 4-5 minutes on one busy core.
+best row is itself a valid bound). Budget with --size S: 11 trainings of ~25 s plus evaluation,
+about 6 minutes on a quiet core (708 s at load 9 on the shared 2-core machine).
 Writes benchmarks/results/compress.md / .json / .png (bound and loss vs coded bits); the README
 quotes the .md.
 """
@@ -45,6 +49,7 @@ import torch  # noqa: E402
 from _common import ROOT, machine_line, markdown_table, write_result  # noqa: E402
 
 SUBSPACE_DIMS = {"S": (1000, 3000, 10000), "M": (2000, 6000, 20000), "L": (4000, 12000, 40000)}
+SUBLORA_RANK = 4
 
 
 def _key(obj) -> str:
@@ -106,14 +111,16 @@ def plot(records: list[dict], uniform: float, path: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    kinds = {"dense": ("o", "C0"), "subspace": ("s", "C1"), "kron": ("^", "C2"), "monarch": ("D", "C3")}
+    kinds = {"dense": ("o", "C0"), "subspace": ("s", "C1"), "kron": ("^", "C2"), "monarch": ("D", "C3"),
+             "sublora": ("v", "C4")}
     for r in records:
         marker, color = kinds[r["spec"].split(":")[0].split("+")[0]]
         c, best, emp = r["coded_bits"], r["bounds"]["best"]["bound_bits"], r["nll_bits"]
         ax.plot([c, c], [emp, best], color=color, lw=1, alpha=0.5)
         ax.scatter([c], [best], marker=marker, color=color, s=40, zorder=3)
         ax.scatter([c], [emp], marker=marker, facecolors="none", edgecolors=color, s=40, zorder=3)
-        label = ("PTQ" if r["spec"] == "dense" else r["spec"].replace("subspace:", "")) + f" @{r['bits']}b"
+        label = ("PTQ" if r["spec"] == "dense" else r["spec"].replace("subspace:", "")
+                 .replace(f"sublora:rank={SUBLORA_RANK},", "sublora ")) + f" @{r['bits']}b"
         ax.annotate(label, (c, best), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axhline(uniform, color="gray", ls=":", lw=1)
     ax.text(0.01, uniform, "uniform log2 V", va="bottom", fontsize=7, color="gray", transform=ax.get_yaxis_transform())
@@ -173,7 +180,8 @@ def main() -> int:
     tcfg = TrainConfig(steps=steps, batch_size=batch, lr=DEMO_CONFIG.lr, seed=0,
                        warmup_steps=max(1, min(30, steps // 10)))
     n_dense = mcfg.num_parameters()
-    specs = ["dense", *(f"subspace:d={d}" for d in dims), "kron:rank=2", "monarch:blocks=4"]
+    specs = ["dense", *(f"subspace:d={d}" for d in dims), *(f"sublora:rank={SUBLORA_RANK},d={d}" for d in dims),
+             "kron:rank=2", "monarch:blocks=4"]
     plan = [("dense", b) for b in (2, 3, 4)] + [(sp, args.bits) for sp in specs[1:]]
     k_rows = len(plan)
     extra_bits = DEMO_CONFIG.selection_bits + math.log2(k_rows)
@@ -227,6 +235,7 @@ def main() -> int:
         log(f"[{spec} @ {bits}] C = {coded:,.0f} bits, loss {stats.mean_nll_bits:.3f}, token {tb.bound_bits:.3f}, "
             f"Freedman {fb.bound_bits:.3f}")
 
+    sublora_dim = next((tr.model.num_parameters for tr in trained.values() if tr.spec.adapter is not None), 0)
     mm_md, mm = matmul_table()
     total = time.perf_counter() - t_start
     uniform = math.log2(vocab)
@@ -249,8 +258,10 @@ def main() -> int:
         "C bits: the whole message (header JSON with architecture, spec and seeds; range-coded tensors with "
         "their scales and headers) + the tokenizer; \"of which model\": the coded weights (dense / kron / monarch) "
         "or subspace coordinates z. Subspace rows: theta = theta_0 (seeded init, costs its seed) + P z over all "
-        "D = N parameters (SubLoRA's projector; LoRA adapters come with tokenbounds.compress.lora) with a "
-        "seeded Kronecker projector, Adam learning rate 2 lr sqrt(D / d). Trained values: d for subspace rows. "
+        "D = N parameters with a seeded Kronecker projector, Adam learning rate 2 lr sqrt(D / d). SubLoRA rows: "
+        f"rank-{SUBLORA_RANK} LoRA adapters on every untied linear of the frozen seeded init plus the embeddings, "
+        f"LayerNorms and biases (D = {sublora_dim:,}) in one seeded d-dimensional subspace, same rule. "
+        "Trained values: d for subspace and SubLoRA rows. "
         "Loss before quant.: the same model with unquantized weights / z, same tokens. "
         f"Best row: {best['spec']} @ {best['bits']} bits ({best['bounds']['best']['bound_bits']:.3f} bits/token; "
         "every row pays log2 K, so the minimum is itself a bound).",

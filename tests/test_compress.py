@@ -17,10 +17,12 @@ from tokenbounds.compress import (
     KroneckerProjector,
     MonarchLinear,
     SubspaceModel,
+    adapters,
     build_model,
     calibration_batch,
     code_parameters,
     code_subspace,
+    code_trainable,
     compress_candidate,
     evaluate_loss,
     make_projector,
@@ -399,7 +401,12 @@ def test_parse_spec_and_its_errors():
         ("monarch:blocks=0", "must be >= 1"),
         ("subspace", "needs the option d="),
         ("subspace:d=10+kron", "subspace step must come last"),
-        ("sublora:d=10", "tokenbounds.compress.lora"),
+        ("sublora:d=10", r"needs the option rank=.*'sublora:rank=4,d=2000'"),
+        ("lora", "needs the option rank="),
+        ("lora:rank=2+subspace:d=10", "sublora:rank=...,d=..."),
+        ("kron+lora:rank=2", "LoRA wraps nn.Linear layers"),
+        ("lora:rank=2,train=none|norms", "'none' cannot be combined"),
+        ("lora:rank=2,targets=a||b", "empty pattern"),
         ("kron+monarch", "more than one"),
         ("", "non-empty string"),
     ]:
@@ -413,15 +420,21 @@ def _same_state(a: nn.Module, b: nn.Module) -> bool:
 
 
 @pytest.mark.parametrize("spec", ["dense", "kron:rank=2", "monarch:blocks=2", "subspace:d=300",
-                                  "monarch:blocks=2+subspace:d=100"])
+                                  "monarch:blocks=2+subspace:d=100", "lora:rank=2",
+                                  "lora:rank=2,train=embeddings,targets=*.mlp.*", "sublora:rank=2,d=200"])
 def test_coded_round_trip_gives_identical_parameters_and_losses(spec):
     tokens = _tokens()
     model = build_model(SMALL, spec, seed=4)
     train(model, tokens, TrainConfig(steps=5, batch_size=4, lr=3e-2, warmup_steps=1), progress=False)
-    if parse_spec(spec).subspace is not None:
+    sp = parse_spec(spec)
+    calib = calibration_batch(tokens, 16, sequences=8)
+    if sp.subspace is not None:
         code = code_subspace(model, spec=spec, init_seed=4, bits=3)
+    elif sp.adapter is not None:
+        code = code_trainable(model, calib, spec=spec, init_seed=4, bits=3)
     else:
-        code = code_parameters(model, calibration_batch(tokens, 16, sequences=8), spec=spec, init_seed=4, bits=3)
+        code = code_parameters(model, calib, spec=spec, init_seed=4, bits=3)
+    assert not adapters(code.model)  # evaluated as the plain (merged) GPT it describes
     payload = code.encode()
     decoded = CodedModel.decode(payload).build()
     assert _same_state(code.model, decoded)
@@ -458,14 +471,19 @@ def test_subspace_on_a_coded_pretrained_base():
     train(pre, tokens, TrainConfig(steps=5, batch_size=4, lr=3e-2, warmup_steps=1), progress=False)
     base_code = code_parameters(pre, calibration_batch(tokens, 16, sequences=8), spec="dense", init_seed=0, bits=4)
     wrong = SubspaceModel(pre, 50, seed=3)  # trained on the unquantized base: not decodable
-    with pytest.raises(ValueError, match="differs from the decoded base"):
-        code_subspace(wrong, spec="dense+subspace", init_seed=0, base_weights=base_code.weights)
+    with pytest.raises(ValueError, match="differs from the decoded base_weights"):
+        code_subspace(wrong, spec="dense", init_seed=0, base_weights=base_code.weights)
     sub = SubspaceModel(base_code.model, 50, seed=3)
     with torch.no_grad():
         sub.z.normal_()
     code = code_subspace(sub, spec="dense", init_seed=0, bits=4, base_weights=base_code.weights)
     assert code.coded_bits > base_code.weights.coded_bits  # the base's code is counted
+    assert code.coded_bits_detail["base_bits"] == base_code.weights.coded_bits and code.header["base"] == "coded"
     assert _same_state(code.model, CodedModel.decode(code.encode()).build())
+    payload = code.encode()
+    payload["base"] = None  # a message without its base cannot pass for a seeded one
+    with pytest.raises(ValueError, match="coded pretrained base"):
+        CodedModel.decode(payload).build()
 
 
 def test_compress_candidate_end_to_end():
@@ -480,3 +498,108 @@ def test_compress_candidate_end_to_end():
             assert cand.trained.train_config.lr > tcfg.lr  # the subspace learning-rate rule
         stats = evaluate_loss(cand.model, tokens, 200, seed=2).stats
         assert math.isfinite(stats.mean_nll_bits)
+
+
+# ----------------------------------------------------------------------------- LoRA / SubLoRA specs
+def _trainable(model: nn.Module) -> dict[str, int]:
+    return {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lora_specs_train_only_the_adapters_on_the_seeded_init():
+    lora = build_model(SMALL, "lora:rank=2", seed=3)
+    names = _trainable(lora)
+    assert names and all(n.endswith((".lora_A", ".lora_B")) for n in names)
+    # every untied linear wrapped: r (in + out) values each
+    expected = sum(2 * (m.in_features + m.out_features) for m in adapters(lora).values())
+    assert sum(names.values()) == expected and len(adapters(lora)) == 4
+    # the frozen base is the plain GPT of the same seed: it costs the seed
+    plain = build_model(SMALL, "dense", seed=3)
+    frozen = {n.replace(".base.", "."): p for n, p in lora.named_parameters() if not p.requires_grad}
+    for n, p in plain.named_parameters():
+        assert torch.equal(frozen[n], p), n
+    emb = build_model(SMALL, "lora:rank=2,train=embeddings|norms", seed=3)
+    extra = set(_trainable(emb)) - set(names)
+    assert "tok_emb.weight" in extra and "pos_emb.weight" in extra and "ln_f.weight" in extra
+    sub = build_model(SMALL, "sublora:rank=2,d=100", seed=3)  # default train=embeddings|norms|biases
+    assert isinstance(sub, SubspaceModel) and sub.dim == 100
+    assert {"tok_emb.weight", "blocks.0.attn.qkv.base.bias"} <= set(sub.names)
+    assert not any(n.endswith(".base.weight") for n in sub.names)
+
+
+def test_sublora_is_reproducible_from_its_seed():
+    a, b, c = (build_model(SMALL, "sublora:rank=2,d=100", seed=s) for s in (7, 7, 8))
+    assert torch.equal(a.projector.q1, b.projector.q1) and torch.equal(a.projector.q2, b.projector.q2)
+    z = torch.randn(100)
+    ta, tb, tc = (m.materialize(z).state_dict() for m in (a, b, c))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert not all(torch.equal(ta[k], tc[k]) for k in ta)  # control: another seed, another model
+
+
+def test_lora_code_counts_the_adapters_not_the_base():
+    tokens = _tokens()
+    calib = calibration_batch(tokens, 16, sequences=8)
+    model = build_model(SMALL, "lora:rank=2", seed=0)
+    with torch.no_grad():
+        for a in adapters(model).values():
+            a.lora_B.normal_(0.0, 0.1)
+    code = code_trainable(model, calib, spec="lora:rank=2", init_seed=0, bits=4)
+    n_adapters = sum(_trainable(model).values())
+    w = code.coded_bits_detail["weights_bits"]
+    assert 4 * n_adapters <= w <= 4 * n_adapters + 16 * 64 * 8 + 2000  # codes + fp16 scales + headers
+    dense = build_model(SMALL, "dense", seed=0)
+    dense_bits = code_parameters(dense, calib, spec="dense", init_seed=0, bits=4).coded_bits
+    assert w < 0.35 * dense_bits and code.coded_bits_detail["base_bits"] == 0
+    # the coded model is W0 + B A of the decoded factors, with the frozen W0 from the seed
+    assert not torch.equal(code.model.blocks[0].attn.qkv.weight, dense.blocks[0].attn.qkv.weight)
+    assert torch.equal(code.model.tok_emb.weight, dense.tok_emb.weight)
+    # control: a frozen value the seed does not give cannot be decoded
+    with torch.no_grad():
+        model.blocks[0].mlp[0].base.weight[0, 0] += 1.0
+    with pytest.raises(ValueError, match="differs from the seeded init at seed 0"):
+        code_trainable(model, calib, spec="lora:rank=2", init_seed=0)
+    with pytest.raises(ValueError, match="codes 'lora:...' specs"):
+        code_trainable(model, calib, spec="kron", init_seed=0)
+
+
+def test_lora_and_sublora_on_a_coded_pretrained_base():
+    tokens = _tokens()
+    calib = calibration_batch(tokens, 16, sequences=8)
+    tcfg = TrainConfig(steps=6, batch_size=4, lr=3e-2, warmup_steps=1)
+    pre = build_model(SMALL, "dense", seed=0)
+    train(pre, tokens, tcfg, progress=False)
+    base = code_parameters(pre, calib, spec="dense", init_seed=0, bits=4).weights
+    for spec in ("lora:rank=2", "sublora:rank=2,d=100"):
+        cand = compress_candidate(spec, SMALL, tokens, tcfg, seed=5, bits=4, base_weights=base)
+        d = cand.code.coded_bits_detail
+        assert d["base_bits"] == base.coded_bits and cand.coded_bits > base.coded_bits  # the base is paid
+        assert cand.code.header["base"] == "coded"
+        decoded = CodedModel.decode(cand.code.encode()).build()
+        assert _same_state(cand.model, decoded)
+        seeded = CodedModel.decode({**cand.code.encode(), "base": None,
+                                    "header": {k: v for k, v in cand.code.header.items() if k != "base"}}).build()
+        assert not _same_state(seeded, decoded)  # control: the base matters to the decoded model
+    with pytest.raises(ValueError, match="base_weights do not fit"):
+        build_model(SMALL, "kron", seed=0, base_weights=base)
+    with pytest.raises(ValueError, match="trains on the pretrained base 'ptq4': pass its code as base_weights"):
+        compress_candidate("lora:rank=2,base=ptq4", SMALL, tokens, tcfg)
+    named = compress_candidate("lora:rank=2,base=ptq4", SMALL, tokens, tcfg, seed=5, base_weights=base)
+    payload = named.code.encode()
+    assert _same_state(named.model, CodedModel.decode(payload).build())
+    with pytest.raises(ValueError, match="coded pretrained base"):  # the spec says a base must be there
+        CodedModel.decode({**payload, "base": None, "header": {k: v for k, v in payload["header"].items()
+                                                              if k != "base"}}).build()
+
+
+def test_lora_sublora_bad_inputs_give_clear_errors():
+    with pytest.raises(ValueError, match=r"rank 17 exceeds min\(in_features, out_features\) = min\(16, 48\)"):
+        build_model(SMALL, "lora:rank=17", seed=0)
+    with pytest.raises(ValueError, match=r"subspace dimension d=10000000 exceeds .* D=.*LoRA adapter values"):
+        build_model(SMALL, "sublora:rank=2,d=10000000", seed=0)
+    with pytest.raises(ValueError, match=r"targets \['\*.nope'\]"):
+        build_model(SMALL, "lora:rank=2,targets=*.mlp.*|*.nope", seed=0)
+    with pytest.raises(ValueError, match="train item 'norm' names no parameter"):
+        build_model(SMALL, "lora:rank=2,train=norm", seed=0)
+    with pytest.raises(ValueError, match="unknown compression 'qlora'"):
+        build_model(SMALL, "qlora:rank=2", seed=0)
+    with pytest.raises(ValueError, match="option rank='0'|must be > 0|>= 1"):
+        build_model(SMALL, "lora:rank=0", seed=0)

@@ -19,7 +19,8 @@ def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     out = capsys.readouterr().out
-    for opt in ("--cache-dir", "--out", "--tiny", "--fresh", "--delta", "--no-progress", "--threads"):
+    for opt in ("--cache-dir", "--out", "--tiny", "--fresh", "--delta", "--no-progress", "--threads",
+                "--compression"):
         assert opt in out
     parser = build_parser()
     demo = parser._subparsers._group_actions[0].choices["demo"]
@@ -185,6 +186,42 @@ def test_bad_arguments(tmp_path, capsys):
     assert "--delta" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # the demo always makes full passes now
         main([*base, "--sample-tokens", "10"])
+    # bad compression specs fail at once, before any corpus or training, naming what is wrong
+    for bad, msg in [("qlora:rank=2", "unknown compression 'qlora'"), ("lora", "needs the option rank="),
+                     ("kron,,monarch", "empty spec"), ("kron,kron", "given twice"),
+                     ("lora:rank=999", "does not fit model S"), ("sublora:rank=2,d=99999999", "exceeds")]:
+        assert main([*base, "--compression", bad]) == 2
+        out = capsys.readouterr().out
+        assert "error:" in out and msg in out, (bad, out)
+    assert not os.path.exists(tmp_path / "c" / "pipeline")  # nothing was trained
+
+
+def test_compression_candidate_end_to_end(tiny_run, tmp_path, capsys):
+    """`--compression` joins the paid grid: K, the log2 K paid, the report's winner table. (On the
+    cache of `tiny_run`, so only the compressed candidates are trained; the last test of the file,
+    since it adds candidates to that cache.)"""
+    root, _, _, dense = tiny_run
+    capsys.readouterr()
+    args = ["demo", "--tiny", "--cache-dir", str(root / "cache"), "--out", str(tmp_path / "o"), "--no-progress",
+            "--compression", "sublora:rank=2,d=100"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("reusing the trained model") == 3 and printed.count("training from its seeded init") == 3
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["config"]["compression"] == ["sublora:rank=2,d=100"]  # one spec, its options kept together
+    k = 2 * len(res["config"]["grid"])
+    assert f"{k} candidates" in printed
+    for m in res["models"]:
+        assert m["quantization"]["num_candidates"] == k
+        assert m["code_length"]["extra_bits_detail"]["quantization_choice_bits"] == pytest.approx(math.log2(k))
+        assert m["compression"]["winner"] in ("dense", "sublora:rank=2,d=100")
+    for a, b in zip(dense["models"], res["models"], strict=True):  # the larger K is paid by every candidate
+        before = {c["label"]: c["predicted_bound_bits"] for c in a["quantization"]["candidates"]}
+        after = {c["label"]: c["predicted_bound_bits"] for c in b["quantization"]["candidates"]}
+        assert all(after[lb] > v for lb, v in before.items())
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "which parametrization wins" in md and md.count(" **wins** |") == len(res["models"])
+
 
 
 def test_console_script_help():

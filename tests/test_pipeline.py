@@ -114,3 +114,88 @@ def test_compact_unquantized_halves_the_kept_tensors(small_model):
         compact_unquantized(big)
     with pytest.raises(TypeError, match="QuantizedModel"):
         compact_unquantized({"x": 1})
+
+
+# ----------------------------------------------------------------------------- compression candidates
+def test_grid_counts_every_compression_candidate():
+    from dataclasses import replace
+
+    from tokenbounds.eval.pipeline import grid_candidates
+
+    assert len(grid_candidates(DEMO_CONFIG)) == len(DEMO_CONFIG.grid)  # the default adds nothing
+    cfg = replace(DEMO_CONFIG, compression=("subspace:d=2000", "lora:rank=4", "sublora:rank=4,d=2000"))
+    entries = grid_candidates(cfg)
+    rtn = {(q.codebook, q.bits, q.incoherence) for q in DEMO_CONFIG.grid}
+    # subspace coordinates have no Hessian (LDLQ = RTN): their rtn variants only, none paid twice
+    assert len(entries) == 2 * len(DEMO_CONFIG.grid) + 2 * len(rtn)
+    labels = [e.label for e in entries]
+    assert len(set(labels)) == len(labels)
+    assert all(e.quant.method == "rtn" for e in entries if "subspace" in e.parametrization
+               or e.parametrization.startswith("sublora"))
+    assert {e.parametrization for e in entries} == {"dense", "subspace:d=2000", "lora:rank=4", "sublora:rank=4,d=2000"}
+    for bad, msg in [(("dense",), "always in the grid"), (("kron", "kron"), "given twice"),
+                     (("lora:rank=2,base=uniform5-rtn",), "names no quantizer of the grid"),
+                     (("qlora:rank=2",), "unknown compression 'qlora'")]:
+        with pytest.raises(ValueError, match=msg):
+            grid_candidates(replace(DEMO_CONFIG, compression=bad))
+
+
+def test_split_specs():
+    from tokenbounds.compress import split_specs
+
+    assert split_specs("sublora:rank=4,d=2000,kron,kron:rank=2+subspace:d=10,projector=dense") == [
+        "sublora:rank=4,d=2000", "kron", "kron:rank=2+subspace:d=10,projector=dense"]
+    for bad, msg in [("kron,,monarch", "empty spec"), ("d=10,kron", "starts with an option")]:
+        with pytest.raises(ValueError, match=msg):
+            split_specs(bad)
+
+
+def test_pipeline_with_a_compression_candidate(tmp_path):
+    """One tiny model, the dense grid + a SubLoRA and a LoRA spec: K counts them, log2 K is paid,
+    the report shows which parametrization wins; a spec that does not fit a size fails before
+    training."""
+    from dataclasses import replace
+
+    from tokenbounds.eval.pipeline import format_markdown, run_pipeline
+
+    spec = "sublora:rank=2,d=100"
+    on_base = "lora:rank=2,base=uniform4-rtn"  # LoRA on the dense model quantized by the grid's uniform4-rtn
+    cfg = replace(TINY_CONFIG, sizes=TINY_CONFIG.sizes[-1:], compression=(spec, "lora:rank=2", on_base))
+    lines: list[str] = []
+    res = run_pipeline(cfg, str(tmp_path / "cache"), progress=False, log=lines.append)
+    (m,) = res["models"]
+    k = 4 * len(TINY_CONFIG.grid)  # the tiny grid is all rtn: each quantizer once per parametrization
+    q = m["quantization"]
+    assert q["num_candidates"] == len(q["candidates"]) == k
+    assert m["code_length"]["extra_bits"] == pytest.approx(cfg.selection_bits + math.log2(k))
+    assert q["chosen"] == min(q["candidates"], key=lambda c: c["predicted_bound_bits"])["label"]
+    comp = m["compression"]
+    assert [r["parametrization"] for r in comp["parametrizations"]] == ["dense", spec, "lora:rank=2", on_base]
+    sub, lora, _ = comp["parametrizations"][1:]
+    assert lora["training"]["trained_values"] == sum(2 * (i + o) for i, o in ((24, 72), (24, 24), (24, 96), (96, 24)))
+    assert sub["training"]["tokens"] == m["training"]["tokens"]  # equal training tokens
+    assert sub["training"]["trained_values"] == 100
+    mine = [c for c in q["candidates"] if c["parametrization"] == spec]
+    assert len(mine) == len(TINY_CONFIG.grid)
+    for c in mine:  # C: coordinates + header (architecture, spec, seeds) + tokenizer, no weights
+        assert c["coded_bits_detail"]["weights_bits"] == 0 and c["coded_bits_detail"]["coordinates_bits"] > 0
+    for c in q["candidates"]:
+        if c["parametrization"] == "lora:rank=2":  # the adapters only: far below the dense code
+            dense_c = next(d for d in q["candidates"] if d["label"] == c["label"].rpartition(" @ ")[2])
+            assert 0 < c["model_coded_bits"] < 0.5 * dense_c["model_coded_bits"]
+        if c["parametrization"] == on_base:  # the pretrained base's whole code is counted
+            base = next(d for d in q["candidates"] if d["label"] == "uniform4-rtn")
+            assert c["coded_bits_detail"]["base_bits"] == base["model_coded_bits"]
+            assert c["model_coded_bits"] > base["model_coded_bits"]
+        assert c["coded_bits"] == pytest.approx(c["model_coded_bits"] + c["architecture_bits"]
+                                                + res["corpus"]["tokenizer_bits"])
+    md = format_markdown(res)
+    assert "which parametrization wins" in md and f"`{spec}`" in md and "**wins**" in md
+    # a rerun reuses the trained candidate and its coded grid
+    lines.clear()
+    res2 = run_pipeline(cfg, str(tmp_path / "cache"), progress=False, log=lines.append)
+    assert any("reusing the trained candidate" in ln for ln in lines)
+    assert res2["models"][0]["bounds"]["best"] == m["bounds"]["best"]
+    too_big = replace(cfg, compression=("sublora:rank=2,d=100000",))
+    with pytest.raises(ValueError, match=r"does not fit model L .*exceeds the number of trainable parameters"):
+        run_pipeline(too_big, str(tmp_path / "cache"), progress=False, log=lines.append)

@@ -2,7 +2,8 @@
 at a compute-optimal token budget on an offline corpus, each quantized with the best of a paid
 grid of `tokenbounds.quant` quantizers, evaluated in a full pass over every training token (the
 engine of `tokenbounds evaluate`: windows, fused head; no sampling term), and every bound reported
-in one table (markdown + JSON) and one PNG plot.
+in one table (markdown + JSON) and one PNG plot. ``--compression SPEC ...`` adds compressed
+parametrizations (issue 15: LoRA, SubLoRA, subspace, Kronecker, Monarch) to the same paid grid.
 
 The steps and the accounting are documented in :mod:`tokenbounds.eval.pipeline`.
 """
@@ -32,6 +33,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", type=float, default=None, help="failure probability of each bound (default 0.05)")
     p.add_argument("--tiny", action="store_true",
                    help="a seconds-long run on a built-in text with 3 tiny models (for tests; vacuous bounds)")
+    p.add_argument("--compression", action="append", metavar="SPEC[,SPEC...]", default=None,
+                   help="compressed parametrizations to add to the paid grid at every model size, each trained "
+                        "from its seeded init (the frozen base of lora / sublora costs its seed) with the "
+                        "dense model's training config (the same D tokens in the same order) and coded with "
+                        "every quantizer of the grid (subspace coordinates: its rtn variants only); K, and so "
+                        "the log2 K bits every bound pays, counts them all. tokenbounds.compress specs, "
+                        "comma-separated (or the option repeated): 'sublora:rank=4,d=2000', 'lora:rank=4', "
+                        "'subspace:d=2000', 'kron:rank=2', 'monarch:blocks=4', 'kron+subspace:d=1000' (an "
+                        "item key=value continues the previous spec); a lora / sublora spec with "
+                        "base=LABEL (e.g. 'lora:rank=4,base=uniform4-ldlq') trains on the dense model "
+                        "quantized with the grid's quantizer LABEL instead, its code counted. Each adds a "
+                        "training run per model "
+                        "size. By default none: the dense model only, within make demo's budget")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads; 0 = automatic (1 when the machine is already busy, since "
@@ -60,6 +74,7 @@ def _run(args: argparse.Namespace) -> int:
         DEMO_CONFIG,
         TINY_CONFIG,
         format_markdown,
+        grid_candidates,
         run_pipeline,
         scale_summary,
     )
@@ -73,13 +88,28 @@ def _run(args: argparse.Namespace) -> int:
             print(f"error: --delta must lie in (0, 1), got {args.delta}")
             return 2
         changes["delta"] = args.delta
+    if args.compression:
+        from ..compress import split_specs
+
+        try:
+            changes["compression"] = tuple(sp for text in args.compression for sp in split_specs(text))
+        except ValueError as e:
+            print(f"error: --compression: {e}")
+            return 2
     cfg = dataclasses.replace(cfg, **changes)
+    try:
+        k_cand = len(grid_candidates(cfg))
+    except ValueError as e:
+        print(f"error: {e}")
+        return 2
     from tokenbounds.eval.runtime import choose_threads
 
     threads = choose_threads(args.threads)
     torch.set_num_threads(threads)
     print(f"tokenbounds demo: {len(cfg.sizes)} models, D = {cfg.tokens_per_parameter:g} N tokens each, "
-          f"{len(cfg.grid)} quantizer candidates, a full pass over the corpus per model (windows of "
+          f"{k_cand} candidates ({len(cfg.grid)} quantizers"
+          + (f"; compression {', '.join(cfg.compression)}" if cfg.compression else "")
+          + "), a full pass over the corpus per model (windows of "
           f"{cfg.context_length} tokens scoring {cfg.eval_stride}), {threads} thread(s)")
     try:
         result = run_pipeline(cfg, args.cache_dir, fresh=args.fresh, progress=not args.no_progress)

@@ -14,16 +14,25 @@ seeded projector), their coded size and decoder, and the train-and-code entry po
 * :class:`SubspaceModel`: ``theta = theta_0 + P z`` over any set of trainable parameters (with
   LoRA adapters installed first: SubLoRA), with a seeded :class:`KroneckerProjector` (never
   forms P).
-* :class:`CodedModel`, :func:`code_parameters`, :func:`code_subspace`,
-  :func:`quantize_parameters`: the coded message (codebooks + range coder of
+* :class:`CodedModel`, :func:`code_parameters`, :func:`code_subspace`, :func:`code_trainable`,
+  :func:`quantize_parameters`, :func:`quantize_trainable`: the coded message (codebooks + range coder of
   :mod:`tokenbounds.quant` / :mod:`tokenbounds.bounds.coding`) and its exact decoder.
 * :func:`parse_spec`, :func:`build_model`, :func:`compress_candidate`: spec strings such as
-  ``"subspace:d=2000"``, ``"kron:rank=2"``, ``"monarch:blocks=4"``.
+  ``"subspace:d=2000"``, ``"kron:rank=2"``, ``"monarch:blocks=4"``, ``"lora:rank=4"``,
+  ``"sublora:rank=4,d=2000"`` (LoRA / SubLoRA on the seeded init: :mod:`.spec`).
 """
 
 from __future__ import annotations
 
-from .coding import CodedModel, code_parameters, code_subspace, factor_hessians, quantize_parameters
+from .coding import (
+    CodedModel,
+    code_parameters,
+    code_subspace,
+    code_trainable,
+    factor_hessians,
+    quantize_parameters,
+    quantize_trainable,
+)
 from .experiment import (
     Candidate,
     TrainedCandidate,
@@ -46,7 +55,15 @@ from .lora import (
     wrap_linears,
 )
 from .monarch import MonarchLinear
-from .spec import CompressionSpec, build_base, build_model, parse_spec, subspace_lr
+from .spec import (
+    CompressionSpec,
+    build_base,
+    build_model,
+    parse_spec,
+    pretrained_base,
+    split_specs,
+    subspace_lr,
+)
 from .subspace import DenseProjector, KroneckerProjector, SubspaceModel, make_projector
 from .swap import replace_linears, structured_layer
 
@@ -70,6 +87,7 @@ __all__ = [
     "code_candidate",
     "code_parameters",
     "code_subspace",
+    "code_trainable",
     "compress_candidate",
     "evaluate_loss",
     "factor_hessians",
@@ -77,7 +95,10 @@ __all__ = [
     "make_projector",
     "merge_adapters",
     "parse_spec",
+    "pretrained_base",
+    "split_specs",
     "quantize_parameters",
+    "quantize_trainable",
     "remove_adapters",
     "replace_linears",
     "structured_layer",

@@ -96,9 +96,15 @@ class LoRALinear(LinearAdapter):
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None,
                  generator: torch.Generator | None = None):
         super().__init__(base)
-        rank = int(rank)
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank!r}")
+        if rank > min(base.in_features, base.out_features):
+            raise ValueError(
+                f"LoRA rank {rank} exceeds min(in_features, out_features) = "
+                f"min({base.in_features}, {base.out_features}) of the layer: B A would not be a low-rank "
+                f"update (a full-rank one costs more than the dense weight); choose rank <= "
+                f"{min(base.in_features, base.out_features)} or exclude the layer"
+            )
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
         self.scaling = self.alpha / rank
@@ -114,6 +120,13 @@ class LoRALinear(LinearAdapter):
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def factor_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The vectors each factor's rows act on, as [M, cols] (proxy Hessians E[v v^T] for coding
+        the factors, as :meth:`tokenbounds.compress.KroneckerLinear.factor_inputs`): ``lora_A`` acts on the layer input
+        x, ``lora_B`` on ``scaling * A x``."""
+        xm = x.detach().reshape(-1, self.in_features)
+        return {"lora_A": xm, "lora_B": self.scaling * F.linear(xm, self.lora_A.detach())}
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha:g}"
@@ -143,7 +156,9 @@ def wrap_linears(
     model is frozen, so the trainable parameters are exactly the adapters'. Linear weights tied
     to another parameter are skipped. Returns {module name: adapter}.
 
-    Raises ValueError naming the model's linear layers when nothing matches.
+    Raises ValueError naming the model's linear layers when a target pattern selects no layer
+    (a typo would otherwise silently train fewer adapters), and naming the layer when ``factory``
+    rejects it.
     """
     pats = [targets] if isinstance(targets, str) else list(targets)
     excl = [exclude] if isinstance(exclude, str) else list(exclude)
@@ -151,24 +166,31 @@ def wrap_linears(
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
                and not isinstance(m, LinearAdapter)]
     inside = {n for n, m in model.named_modules() if isinstance(m, LinearAdapter)}
-    chosen = [(n, m) for n, m in linears if _matches(n, pats) and not _matches(n, excl)
-              and id(m.weight) not in shared and not any(n.startswith(a + ".") for a in inside)]
-    if not chosen:
+    wrappable = [(n, m) for n, m in linears if not _matches(n, excl) and id(m.weight) not in shared
+                 and not any(n.startswith(a + ".") for a in inside)]
+    chosen = [(n, m) for n, m in wrappable if _matches(n, pats)]
+    unmatched = [p for p in pats if not any(fnmatch.fnmatchcase(n, p) for n, _ in wrappable)]
+    if not chosen or unmatched:
         names = [n for n, _ in linears]
         tied = [n for n, m in linears if id(m.weight) in shared]
         raise ValueError(
-            f"no nn.Linear layer matches targets {pats} (exclude {excl}); the model's linear layers are "
+            f"no nn.Linear layer matches targets {unmatched or pats} (exclude {excl}); the model's linear layers are "
             f"{names[:20]}{' ...' if len(names) > 20 else ''}"
             + (f" (tied, never wrapped: {tied})" if tied else "")
             + (". GPT-2 style models use transformers' Conv1D, not nn.Linear" if not names else ""))
+    made = []
+    for name, lin in chosen:  # build every adapter first: a rejected layer leaves the model untouched
+        try:
+            made.append((name, factory(name, lin)))
+        except ValueError as exc:
+            raise ValueError(f"layer {name!r} ({lin.in_features} -> {lin.out_features}): {exc}") from None
     if freeze_base:
         for p in model.parameters():
             p.requires_grad_(False)
     out: dict[str, LinearAdapter] = {}
-    for name, lin in chosen:
+    for name, adapter in made:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        adapter = factory(name, lin)
         for p in adapter.adapter_parameters():
             p.requires_grad_(True)
         setattr(parent, child, adapter)

@@ -18,6 +18,17 @@ For each model size N (parameters, tied embedding counted once):
    the best one is kept and the choice is **paid** for with ``log2 K`` extra bits in the prior
    (spec/bounds.md section 9: a union bound over the K candidates). The selection sample is a
    window-unit sample (``select_tokens`` draws, its own seed ``select_seed``, used nowhere else).
+   **Compression candidates** (``compression``: spec strings of :mod:`tokenbounds.compress`, e.g.
+   ``"subspace:d=2000"``, ``"sublora:rank=4,d=2000"``, ``"kron:rank=2"``; none by default) join
+   the same grid: each spec's model is trained from its seeded init (a lora / sublora spec with
+   ``base=LABEL``: on the dense model quantized with the grid's quantizer LABEL, its code counted)
+   with the dense model's
+   training config (the same steps x batch, so the same D training tokens and data order; the
+   subspace learning-rate rule of :func:`tokenbounds.compress.subspace_lr` for subspace specs),
+   coded (:func:`tokenbounds.compress.code_candidate`) with each quantizer choice of the grid
+   (the rtn variants only for subspace coordinates, where LDLQ with no Hessian is RTN), decoded,
+   and scored on the same selection sample. K counts every candidate, so ``log2 K`` pays for
+   the compressions too, and the report shows which parametrization wins at each size.
 3. **Evaluate** the dequantized model (the model the code describes) in a **full pass** over the
    corpus: every data point once, scored by the same engine as ``tokenbounds evaluate``
    (:class:`tokenbounds.eval.score.Scorer`: windows of T = ``context_length`` tokens scoring their
@@ -44,7 +55,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .fileio import atomic_path, atomic_write_json, read_json, short_hash
@@ -52,10 +63,12 @@ from .fileio import atomic_path, atomic_write_json, read_json, short_hash
 __all__ = [
     "DEMO_CONFIG",
     "TINY_CONFIG",
+    "GridCandidate",
     "ModelSize",
     "PipelineConfig",
     "QuantChoice",
     "choice_cost_bits",
+    "grid_candidates",
     "run_pipeline",
     "training_steps",
 ]
@@ -85,6 +98,41 @@ class QuantChoice:
         return f"{self.codebook}{self.bits}-{self.method}" + ("" if self.incoherence else "-noinc")
 
 
+@dataclass(frozen=True)
+class GridCandidate:
+    """One candidate of the paid grid: a parametrization coded with a quantizer choice.
+
+    ``parametrization`` ``"dense"``: the trained GPT, post-training quantized with ``quant``;
+    otherwise a :mod:`tokenbounds.compress` spec trained from scratch with the dense model's
+    budget and coded with ``quant``'s codebook, bits, method and incoherence. ``index``: the
+    position of ``quant`` in the config's grid (it seeds the Hadamard signs)."""
+
+    quant: QuantChoice
+    index: int
+    parametrization: str = "dense"
+
+    @property
+    def dense(self) -> bool:
+        return self.parametrization == "dense"
+
+    @property
+    def label(self) -> str:
+        return self.quant.label if self.dense else f"{self.parametrization} @ {self.quant.label}"
+
+    @property
+    def spec_hash(self) -> str:
+        """Hash of the parametrization and the recipe that trains it (cache names)."""
+        return short_hash({"spec": self.parametrization, "recipe": COMPRESS_RECIPE}, 10)
+
+    def seed(self, cfg: PipelineConfig) -> int:
+        return cfg.seed + 7919 * self.index
+
+    def file_stem(self, cfg: PipelineConfig) -> str:
+        """Cache file name (a spec's characters are not all file-safe: it goes by its hash)."""
+        head = self.quant.label if self.dense else f"c{self.spec_hash}-{self.quant.label}"
+        return f"{head}-s{self.seed(cfg)}"
+
+
 DEFAULT_GRID: tuple[QuantChoice, ...] = tuple(
     [QuantChoice("uniform", b, m) for b in (2, 3, 4, 8) for m in ("ldlq", "rtn")]
     + [QuantChoice("e8", 2, m) for m in ("ldlq", "rtn")]
@@ -99,7 +147,9 @@ class PipelineConfig:
     learning rate, grid, evaluation stride, ...), which were chosen while developing the demo on
     this corpus: 10 bits = a choice among up to 1024 configurations. ``select_seed`` draws the
     quantizer-selection sample and is used for nothing else. Evaluation: full passes with windows
-    of ``context_length`` tokens scoring their last ``eval_stride`` targets.
+    of ``context_length`` tokens scoring their last ``eval_stride`` targets. ``compression``:
+    :mod:`tokenbounds.compress` specs added to the paid grid (:func:`grid_candidates`; empty: the
+    dense model only, the demo's default).
     """
 
     corpus: tuple[str, ...] = ("kjv", "shakespeare")
@@ -124,6 +174,7 @@ class PipelineConfig:
     eval_batch_size: int = 512
     delta: float = 0.05
     selection_bits: float = 10.0
+    compression: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -144,6 +195,53 @@ TINY_CONFIG = PipelineConfig(
 # Bump when _quantize_candidate changes so cached candidates are not reused (changes inside
 # tokenbounds.quant itself are not tracked: use --fresh after upgrading the quantizer).
 QUANT_RECIPE = "quantize_model+embeddings(identity, tied recoded)+fp16/2"
+
+
+# Bump when the compressed candidates' training or builders change (keys their cached models).
+COMPRESS_RECIPE = "compress/1: build_model(seed) + train_candidate(dense TrainConfig)"
+
+
+def compression_specs(cfg: PipelineConfig) -> list[str]:
+    """The config's compression specs, parsed and in canonical form (ValueError on a bad one)."""
+    from ..compress import parse_spec, pretrained_base
+
+    specs = []
+    for raw in cfg.compression:
+        try:
+            spec = str(parse_spec(raw))
+        except ValueError as e:
+            raise ValueError(f"--compression {raw!r}: {e}") from None
+        if spec == "dense":
+            raise ValueError("--compression 'dense': the dense model is always in the grid; name other specs")
+        if spec in specs:
+            raise ValueError(f"--compression {raw!r} is given twice")
+        base = pretrained_base(spec)
+        if base is not None and base not in [q.label for q in cfg.grid]:
+            raise ValueError(f"--compression {raw!r}: base={base!r} names no quantizer of the grid; use init (the "
+                             f"seeded init) or one of {', '.join(q.label for q in cfg.grid)} (the dense model "
+                             "quantized with it)")
+        specs.append(spec)
+    return specs
+
+
+def grid_candidates(cfg: PipelineConfig) -> list[GridCandidate]:
+    """Every candidate of the paid grid, fixed by the config before any data is seen: the dense
+    model with each quantizer of ``cfg.grid``, then each compression spec with each of them
+    (subspace specs code z without a Hessian, where LDLQ is RTN: their rtn variants only, so no
+    candidate is paid twice)."""
+    from ..compress import parse_spec
+
+    out = [GridCandidate(q, i) for i, q in enumerate(cfg.grid)]
+    for spec in compression_specs(cfg):
+        no_hessian = parse_spec(spec).subspace is not None
+        seen: set[QuantChoice] = set()
+        for i, q in enumerate(cfg.grid):
+            if no_hessian:
+                q = replace(q, method="rtn")
+            if q not in seen:
+                seen.add(q)
+                out.append(GridCandidate(q, cfg.grid.index(q) if q in cfg.grid else i, spec))
+    return out
 
 
 def choice_cost_bits(num_candidates: int) -> float:
@@ -202,6 +300,130 @@ def _score(net, streams, units, rule, plan, cfg: PipelineConfig, *, progress: bo
     return score_plan(net, streams, units, rule, plan, batch_size=cfg.eval_batch_size, progress=progress, desc=desc)
 
 
+def _model_config(size: ModelSize, cfg: PipelineConfig, vocab_size: int):
+    from ..models.gpt import GPTConfig
+
+    return GPTConfig(vocab_size=vocab_size, context_length=cfg.context_length, n_layer=size.n_layer,
+                     n_head=size.n_head, d_model=size.d_model, dropout=0.0)
+
+
+def _check_compression(specs: list[str], cfg: PipelineConfig, vocab_size: int) -> None:
+    """Build every compression spec at every model size before anything is trained, so that a spec
+    that does not fit one of them (rank above a layer's width, d above D, blocks that do not
+    divide d_model, ...) fails at once with the size named."""
+    from ..compress import build_model
+
+    for size in cfg.sizes:
+        mcfg = _model_config(size, cfg, vocab_size)
+        for spec in specs:
+            try:
+                build_model(mcfg, spec, seed=cfg.seed)
+            except ValueError as e:
+                raise ValueError(f"--compression {spec!r} does not fit model {size.name} (d_model={size.d_model}, "
+                                 f"{size.n_layer} layer(s), N={mcfg.num_parameters():,}): {e}") from None
+
+
+def _pretrained_base(spec: str, model, tokens, cfg: PipelineConfig):
+    """The code of a ``base=LABEL`` spec's pretrained base: the trained dense model quantized with
+    the grid's quantizer LABEL, exactly as its dense grid candidate (same calibration and seed), or
+    None for a spec on the seeded init."""
+    from ..compress import pretrained_base
+
+    label = pretrained_base(spec)
+    if label is None:
+        return None
+    index = [q.label for q in cfg.grid].index(label)
+    entry = GridCandidate(cfg.grid[index], index)
+    return _quantize_candidate(model, _calibration_tokens(tokens, cfg), entry.quant, seed=entry.seed(cfg))
+
+
+def _train_compressed(spec: str, mcfg, tcfg, tokens, mdir: str, cfg: PipelineConfig, dense_tokens: int, *,
+                      name: str, progress: bool, log: Callable[[str], None], base_weights=None):
+    """Train (or resume / reload from its checkpoint) one compression spec with the dense model's
+    training config (on ``base_weights``, the code of a pretrained base, when the spec names
+    one); returns (TrainedCandidate, training summary). Cached under ``mdir`` (keyed by corpus,
+    model and training config) in a directory keyed by the spec, seed and recipes."""
+    from ..compress import train_candidate
+
+    key = {"spec": spec, "seed": cfg.seed, "recipe": COMPRESS_RECIPE}
+    if base_weights is not None:
+        key["base"] = {"recipe": QUANT_RECIPE, "calibration": [cfg.calibration_sequences, cfg.calibration_seed]}
+    cdir = os.path.join(mdir, "compress-" + short_hash(key))
+    os.makedirs(cdir, exist_ok=True)
+    done = os.path.join(cdir, "train.json")
+    start = "its seeded init" if base_weights is None else "the quantized dense model"
+    if os.path.exists(done):
+        log(f"[{name}] {spec}: reusing the trained candidate in {cdir}")
+    else:
+        log(f"[{name}] {spec}: training from {start}, {tcfg.steps} steps x "
+            f"{tcfg.batch_size * mcfg.context_length} tokens (the dense model's budget)")
+    trained = train_candidate(spec, mcfg, tokens, tcfg, seed=cfg.seed, checkpoint_path=os.path.join(cdir, "checkpoint.pt"),
+                              progress=progress and not os.path.exists(done), log=log, base_weights=base_weights)
+    res = trained.train_result
+    if res.tokens_seen != dense_tokens:
+        raise RuntimeError(f"{spec} saw {res.tokens_seen} training tokens, the dense model {dense_tokens}")
+    summary = {"spec": spec, "steps": int(res.steps), "tokens": int(res.tokens_seen), "seconds": float(res.train_seconds),
+               "lr": float(trained.train_config.lr), "trained_values": trained.num_trained,
+               "final_loss_nats": res.losses_nats[-1] if res.losses_nats else None, "cache_directory": cdir}
+    if not os.path.exists(done):
+        atomic_write_json(done, summary)
+    return trained, {"training": summary}
+
+
+@dataclass
+class _Coded:
+    """A coded grid candidate: the message to cache, the decoded model to score, its bits."""
+
+    message: Any
+    model: Any
+    model_bits: float
+    architecture_bits: float
+    detail: dict[str, float]
+    mean_proxy_loss: float | None
+
+
+def _code_candidate(entry: GridCandidate, model, trained, calib, seed: int, arch_bits: float) -> _Coded:
+    """Code one grid candidate (the dense model's quantization, or a trained compression spec's
+    code; dispatch here for new candidate kinds)."""
+    if entry.dense:
+        qm = _quantize_candidate(model, calib, entry.quant, seed=seed)
+        return _Coded(qm, qm.dequantized_model(model), float(qm.coded_bits), arch_bits, qm.coded_bits_detail,
+                      qm.summary()["mean_proxy_loss"])
+    from ..compress import code_candidate
+
+    q = entry.quant
+    code = code_candidate(trained, calib, bits=q.bits, codebook=q.codebook, method=q.method,
+                          incoherence=q.incoherence, quant_seed=seed)
+    d = code.coded_bits_detail  # the header holds the architecture, the spec and the seeds
+    proxy = code.weights.summary()["mean_proxy_loss"] if code.weights is not None else None
+    return _Coded(code.encode(), code.model, code.coded_bits - d["header_bits"], d["header_bits"], d, proxy)
+
+
+def _decoded_model(entry: GridCandidate, path: str, model):
+    """The model a cached candidate's message decodes to (what the bound is on)."""
+    import torch
+
+    if entry.dense:
+        return torch.load(path, weights_only=False).dequantized_model(model)
+    from ..compress import CodedModel
+
+    return CodedModel.decode(torch.load(path, weights_only=False)).build()
+
+
+def _compression_summary(cands: list[dict[str, Any]], compression_info: dict[str, Any]) -> dict[str, Any]:
+    """Per parametrization (dense first): its best candidate on the selection sample, and the
+    winner of the whole grid."""
+    out = []
+    for p in ["dense", *compression_info]:
+        mine = [c for c in cands if c["parametrization"] == p]
+        b = min(mine, key=lambda c: c["predicted_bound_bits"])
+        out.append({"parametrization": p, "best": b["label"], "predicted_bound_bits": b["predicted_bound_bits"],
+                    "coded_bits": b["coded_bits"], "select_nll_bits": b["select_nll_bits"],
+                    "candidates": len(mine), **compression_info.get(p, {})})
+    winner = min(out, key=lambda r: r["predicted_bound_bits"])["parametrization"]
+    return {"parametrizations": out, "winner": winner}
+
+
 def _read_state(path: str):
     from .stats import EvalState
 
@@ -223,7 +445,7 @@ def run_pipeline(
 
     from ..bounds import from_stats, training_flops
     from ..losses import LossStats
-    from ..models.gpt import GPT, GPTConfig
+    from ..models.gpt import GPT
     from .data import TokenStreams, build_corpus
     from .sample import ContextRule, Units, plan_units
     from .score import stats_document
@@ -240,8 +462,12 @@ def run_pipeline(
     timings["corpus"] = time.perf_counter() - t0
     log(f"corpus: {corpus.n_documents} documents, {m:,} training tokens, vocab {V}")
 
-    k_cand = len(cfg.grid)
+    specs = compression_specs(cfg)
+    entries = grid_candidates(cfg)
+    k_cand = len(entries)
     extra_bits = cfg.selection_bits + choice_cost_bits(k_cand)
+    if specs:
+        _check_compression(specs, cfg, V)
     streams = TokenStreams([tokens], corpus.eot_id)
     rule = ContextRule("windows", cfg.context_length, cfg.eval_stride)
     units = Units(streams, rule.stride)
@@ -249,8 +475,7 @@ def run_pipeline(
     select = plan_units(units, rule, sample_tokens=cfg.select_tokens, seed=cfg.select_seed)
     results = []
     for size in cfg.sizes:
-        mcfg = GPTConfig(vocab_size=V, context_length=cfg.context_length, n_layer=size.n_layer,
-                         n_head=size.n_head, d_model=size.d_model, dropout=0.0)
+        mcfg = _model_config(size, cfg, V)
         n_params = mcfg.num_parameters()
         steps = training_steps(n_params, cfg)
         tcfg = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
@@ -300,6 +525,16 @@ def run_pipeline(
                     + (f", capped at {cfg.max_steps} steps" if cfg.max_steps else ""),
         }
 
+        # 1b. compressed candidates: the same training config from each spec's seeded init ----
+        t = time.perf_counter()
+        trained_c, compression_info = {}, {}
+        for spec in specs:
+            trained_c[spec], compression_info[spec] = _train_compressed(
+                spec, mcfg, tcfg, tokens, mdir, cfg, d_tokens, name=size.name, progress=progress, log=log,
+                base_weights=_pretrained_base(spec, model, tokens, cfg))
+        if specs:
+            tm["train_compressed"] = time.perf_counter() - t
+
         # 2. quantize the grid + choose on the selection sample --------------------------------
         t = time.perf_counter()
         # candidates depend on the calibration batch and are scored on the selection sample; the
@@ -318,31 +553,29 @@ def run_pipeline(
             from tqdm import tqdm
 
             bar = tqdm(total=k_cand, desc=f"[{size.name}] quantize+select", unit="cand", dynamic_ncols=True)
-        for i, choice in enumerate(cfg.grid):
-            qseed = cfg.seed + 7919 * i
-            qpath = os.path.join(qdir, f"{choice.label}-s{qseed}.pt")
-            jpath = os.path.join(qdir, f"{choice.label}-s{qseed}.json")
+        for entry in entries:
+            qseed = entry.seed(cfg)
+            qpath = os.path.join(qdir, entry.file_stem(cfg) + ".pt")
+            jpath = os.path.join(qdir, entry.file_stem(cfg) + ".json")
             if os.path.exists(qpath) and os.path.exists(jpath):
-                rec = read_json(jpath)
+                rec = {"parametrization": "dense", "architecture_bits": arch_bits, **read_json(jpath)}
             else:
                 if calib is None:
                     calib = _calibration_tokens(tokens, cfg)
                 tc = time.perf_counter()
-                qm = _quantize_candidate(model, calib, choice, seed=qseed)
-                qmodel = qm.dequantized_model(model)
-                st = _score(qmodel, streams, units, rule, select, cfg, progress=False, desc="select").stats
-                summary = qm.summary()
-                model_bits = float(qm.coded_bits)
-                coded = model_bits + corpus.tokenizer_bits + arch_bits
-                rec = {"label": choice.label, **asdict(choice), "seed": qseed,
-                       "model_coded_bits": model_bits,
-                       "coded_bits": coded, "bits_per_parameter": model_bits / n_params,
-                       "mean_proxy_loss": summary["mean_proxy_loss"],
-                       "coded_bits_detail": qm.coded_bits_detail,
+                coded = _code_candidate(entry, model, trained_c.get(entry.parametrization), calib, qseed, arch_bits)
+                st = _score(coded.model, streams, units, rule, select, cfg, progress=False, desc="select").stats
+                rec = {"label": entry.label, "parametrization": entry.parametrization, **asdict(entry.quant),
+                       "seed": qseed, "model_coded_bits": coded.model_bits,
+                       "architecture_bits": coded.architecture_bits,
+                       "coded_bits": coded.model_bits + corpus.tokenizer_bits + coded.architecture_bits,
+                       "bits_per_parameter": coded.model_bits / n_params,
+                       "mean_proxy_loss": coded.mean_proxy_loss,
+                       "coded_bits_detail": coded.detail,
                        "select_nll_bits": st.mean_nll_bits, "select_stats": st.state_dict(),
                        "seconds": time.perf_counter() - tc}
                 with atomic_path(qpath) as tmp:
-                    torch.save(qm, tmp)
+                    torch.save(coded.message, tmp)
                 atomic_write_json(jpath, rec)
             st = LossStats.from_state_dict(rec["select_stats"])
             rec["predicted_bound_bits"], rec["predicted_by"] = _predicted_bound(
@@ -350,7 +583,7 @@ def run_pipeline(
             cands.append(rec)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(cand=choice.label, bound=f"{rec['predicted_bound_bits']:.3f}")
+                bar.set_postfix(cand=entry.label, bound=f"{rec['predicted_bound_bits']:.3f}")
         if bar is not None:
             bar.close()
         best = min(cands, key=lambda r: r["predicted_bound_bits"])
@@ -359,10 +592,12 @@ def run_pipeline(
             f"(predicted bound {best['predicted_bound_bits']:.3f} bits; pays log2 {k_cand} = "
             f"{choice_cost_bits(k_cand):.2f} bits)")
 
-        # 3. full passes: the chosen dequantized model, and the unquantized one on the same tokens
+        # 3. full passes: the chosen decoded model, and its unquantized one on the same tokens
         t = time.perf_counter()
-        tag = f"{best['label']}-s{best['seed']}"
-        paths = {"q": os.path.join(edir, f"state-{tag}.json"), "fp": os.path.join(edir, "state-unquantized.json")}
+        chosen = next(e for e in entries if e.label == best["label"])
+        tag = chosen.file_stem(cfg)
+        fp_name = "unquantized" if chosen.dense else f"unquantized-c{chosen.spec_hash}"
+        paths = {"q": os.path.join(edir, f"state-{tag}.json"), "fp": os.path.join(edir, f"state-{fp_name}.json")}
         times_path = os.path.join(edir, "eval-seconds.json")
         eval_seconds = read_json(times_path) if os.path.exists(times_path) else {}
         states: dict[str, Any] = {}
@@ -372,10 +607,9 @@ def run_pipeline(
                 continue
             te = time.perf_counter()
             if k == "q":
-                qm = torch.load(os.path.join(qdir, f"{tag}.pt"), weights_only=False)
-                net = qm.dequantized_model(model)
+                net = _decoded_model(chosen, os.path.join(qdir, f"{tag}.pt"), model)
             else:
-                net = model
+                net = model if chosen.dense else trained_c[chosen.parametrization].unquantized_model()
             desc = f"[{size.name}] full pass, {'quantized' if k == 'q' else 'unquantized'}"
             states[k] = _score(net, streams, units, rule, full, cfg, progress=progress, desc=desc)
             atomic_write_json(paths[k], states[k].state_dict())
@@ -398,7 +632,8 @@ def run_pipeline(
         gap_by_alpha = {str(a): float(stats_q.mean[i] - fp.mean[i]) for i, a in enumerate(alphas)}
         info.update({
             "quantization": {
-                "chosen": best["label"], "file": os.path.join(qdir, f"{tag}.pt"),
+                "chosen": best["label"], "parametrization": best["parametrization"],
+                "file": os.path.join(qdir, f"{tag}.pt"),
                 "candidates": [{k: v for k, v in r.items() if k != "select_stats"} for r in cands],
                 "num_candidates": k_cand, "choice_cost_bits": choice_cost_bits(k_cand),
                 "selection_sample": {**select.to_dict(), "seed": cfg.select_seed},
@@ -410,7 +645,7 @@ def run_pipeline(
                 "gap_note": f"quantized minus unquantized, paired: both models on all m = {m:,} tokens (full passes)",
             },
             "code_length": {"coded_bits": best["coded_bits"], "model_bits": best["model_coded_bits"],
-                            "tokenizer_bits": corpus.tokenizer_bits, "architecture_bits": arch_bits,
+                            "tokenizer_bits": corpus.tokenizer_bits, "architecture_bits": best["architecture_bits"],
                             "extra_bits": extra_bits,
                             "extra_bits_detail": {"selection_bits": cfg.selection_bits,
                                                   "quantization_choice_bits": choice_cost_bits(k_cand)}},
@@ -421,15 +656,18 @@ def run_pipeline(
             "primary": table.primary,
             "rows": table.rows(),
             "stats_path": stats_path,
+            "compression": _compression_summary(cands, compression_info) if specs else None,
             "seconds": tm,
             "compute_seconds": {
                 "train": float(train_info["train_seconds"]),
+                **({"train_compressed": float(sum(c["training"]["seconds"] for c in compression_info.values()))}
+                   if specs else {}),
                 "quantize_select": float(sum(r.get("seconds", 0.0) for r in cands)),
                 "evaluate": float(sum(eval_seconds.values())),
             },
         })
         results.append(info)
-        del model
+        del model, trained_c
     timings["total"] = time.perf_counter() - t0
     return {
         "format": "tokenbounds.scaling/2",
@@ -524,7 +762,10 @@ def format_markdown(result: dict[str, Any]) -> str:
     out.append("loss fp / loss q: unsmoothed bits/token of the unquantized and the quantized model over all m "
                "tokens; quant gap = their paired difference (the same tokens). bits/param: the model's coded "
                "size (codes + scales + headers + fp16 norms/biases) / N. C also counts the tokenizer and "
-               "the architecture.")
+               "the architecture."
+               + (" With compression candidates, the chosen candidate may be a compressed parametrization "
+                  "(its spec before the quantizer); loss fp is then that parametrization before coding."
+                  if cfg.get("compression") else ""))
     out.append("")
     out.append("## How the bounds move with scale")
     out.append("")
@@ -560,7 +801,9 @@ def format_markdown(result: dict[str, Any]) -> str:
         f"* extra bits = {ex['selection_bits']:g} (`selection_bits`: the demo's hyper-parameters were tuned on "
         "this corpus — vocabulary, context, widths, learning rate, grid, evaluation stride; up to 1024 "
         f"configurations) + {ex['quantization_choice_bits']:.3f} (log2 K: best of K = "
-        f"{models[0]['quantization']['num_candidates']} quantizers, chosen on a window-unit sample of "
+        f"{models[0]['quantization']['num_candidates']} "
+        + ("candidates (parametrizations x quantizers)" if cfg.get("compression") else "quantizers")
+        + ", chosen on a window-unit sample of "
         f"{cfg['select_tokens']:,} draws with its own seed {cfg['select_seed']}, used for nothing else).",
         "* Full passes: every training token is evaluated, so the empirical loss and the Freedman variance "
         "are exact and there is **no sampling term left to pay** (the sampling columns are 0); the "
@@ -573,19 +816,49 @@ def format_markdown(result: dict[str, Any]) -> str:
         f"* Training budget: {models[0]['training']['rule']}; training compute 6 N D FLOPs. Only models of "
         "10^4 - 10^5 parameters reach D = 20 N in a few minutes on 2 CPU cores.",
     ]
+    if cfg.get("compression"):
+        out.append(
+            f"* Compression candidates ({', '.join(f'`{c}`' for c in cfg['compression'])}): each trained from its "
+            "seeded init (the frozen base of lora / sublora is that init, costing its seed; with base=LABEL it is "
+            "the dense model quantized with LABEL, whose whole code is counted in C, after the dense model's own "
+            "training, so twice its compute) with the dense model's "
+            "training config, i.e. the same D training tokens in the same order, then coded with each quantizer of "
+            "the grid; they are among the K candidates, so log2 K pays for them. The list of specs is fixed on the "
+            "command line before the run; a list chosen after seeing earlier runs' results on this corpus is a "
+            "further choice these bounds do not pay (add its log2 to the extra bits).")
     out.append("")
     out.append("## Quantization candidates (selection sample, bound predicted for a full pass)")
     out.append("")
-    out.append("| model | " + " | ".join(c["label"] for c in models[0]["quantization"]["candidates"]) + " |")
-    out.append("|---|" + "---|" * len(models[0]["quantization"]["candidates"]))
+
+    def dense_cands(m):
+        return [c for c in m["quantization"]["candidates"] if c.get("parametrization", "dense") == "dense"]
+
+    out.append("| model | " + " | ".join(c["label"] for c in dense_cands(models[0])) + " |")
+    out.append("|---|" + "---|" * len(dense_cands(models[0])))
     for m in models:
         cells = [f"{c['predicted_bound_bits']:.3f} ({c['bits_per_parameter']:.2f} b/p)"
                  + (" **chosen**" if c["label"] == m["quantization"]["chosen"] else "")
-                 for c in m["quantization"]["candidates"]]
+                 for c in dense_cands(m)]
         out.append(f"| {m['name']} | " + " | ".join(cells) + " |")
     out.append("")
     out.append("Cells: the bound predicted from the selection sample (the choice criterion) and the model's "
                "coded bits per parameter.")
+    if cfg.get("compression"):
+        out += ["", "## Compression candidates: which parametrization wins at each size", ""]
+        params = [r["parametrization"] for r in models[0]["compression"]["parametrizations"]]
+        out.append("| model | " + " | ".join(("dense (PTQ)" if p == "dense" else f"`{p}`") for p in params) + " |")
+        out.append("|---|" + "---|" * len(params))
+        for m in models:
+            comp = m["compression"]
+            cells = [f"{r['predicted_bound_bits']:.3f} ({r['best'].rpartition(' @ ')[2]}, C {r['coded_bits']:,.0f}, "
+                     f"trained {r.get('training', {}).get('trained_values', m['parameters']):,})"
+                     + (" **wins**" if r["parametrization"] == comp["winner"] else "")
+                     for r in comp["parametrizations"]]
+            out.append(f"| {m['name']} | " + " | ".join(cells) + " |")
+        out.append("")
+        out.append("Cells: the best bound predicted from the selection sample over that parametrization's "
+                   "quantizers (which one, its C bits, its number of trained values); every row was trained "
+                   "on the same D tokens. **wins**: the parametrization of the candidate the grid keeps.")
     secs = result["seconds"]
     out.append("")
     out.append("Compute time of each step when it ran (cached steps are not rerun): " + "; ".join(
