@@ -290,6 +290,24 @@ def test_quantized_gpt_round_trip_and_loss_gap():
     assert _bits_per_token(model, x, y) == base
 
 
+def test_transposed_layers_survive_encode_decode_and_compaction():
+    # GPT-2 Conv1D weights are coded as [out, in] and stored [in, out]: the set of transposed layers
+    # is part of the message, and every rebuild of a QuantizedModel keeps it
+    from tokenbounds.quant.embedding import compact_unquantized
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 24)
+    q = quantize_weight(w, torch.eye(24), bits=4, method="rtn", codebook="uniform", incoherence=False)
+    qm = QuantizedModel(layers={"c.weight": q}, unquantized={"c.bias": torch.zeros(8)}, transposed={"c.weight"})
+    want = qm.dequantized_state_dict()
+    assert want["c.weight"].shape == (24, 8)
+    for rebuilt in (QuantizedModel.decode(qm.encode()), compact_unquantized(qm)):
+        got = rebuilt.dequantized_state_dict()
+        assert got["c.weight"].shape == (24, 8) and torch.equal(got["c.weight"], want["c.weight"])
+    # a negative control: without the set the decoded weight has the wrong layout
+    assert QuantizedModel(layers=qm.layers, unquantized=qm.unquantized).dequantized_state_dict()["c.weight"].shape == (8, 24)
+
+
 def test_quantize_model_rtn_e8_and_skip():
     torch.manual_seed(1)
     m = QKV()

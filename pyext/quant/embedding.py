@@ -92,7 +92,8 @@ def quantize_embeddings(
     config = {**qm.config, "embeddings": {"names": done, "bits": bits, "codebook": codebook,
                                           "method": method, "incoherence": incoherence,
                                           "hessian": "identity", "recoded_tied": recoded}}
-    return QuantizedModel(layers=layers, unquantized=unquantized, tied=dict(qm.tied), config=config)
+    return QuantizedModel(layers=layers, unquantized=unquantized, tied=dict(qm.tied), config=config,
+                          transposed=set(getattr(qm, "transposed", ())))
 
 
 def compact_unquantized(qm: QuantizedModel, dtype: torch.dtype = torch.float16) -> QuantizedModel:
@@ -115,4 +116,5 @@ def compact_unquantized(qm: QuantizedModel, dtype: torch.dtype = torch.float16) 
         else:
             out[name] = t
     config = {**qm.config, "unquantized_dtype": str(dtype).removeprefix("torch.")}
-    return QuantizedModel(layers=dict(qm.layers), unquantized=out, tied=dict(qm.tied), config=config)
+    return QuantizedModel(layers=dict(qm.layers), unquantized=out, tied=dict(qm.tied), config=config,
+                          transposed=set(getattr(qm, "transposed", ())))

@@ -161,13 +161,15 @@ class QuantizedModel:
             "shapes": {n: tuple(t.shape) for n, t in self.unquantized.items()},
             "tied": dict(self.tied),
             "config": dict(self.config),
+            "transposed": sorted(getattr(self, "transposed", ())),
         }
 
     @classmethod
     def decode(cls, payload: dict[str, Any]) -> QuantizedModel:
         layers = {n: QuantizedWeight.decode(p) for n, p in payload["layers"].items()}
         unq = {n: flat.reshape(payload["shapes"][n]).clone() for n, (_, flat) in payload["unquantized"].items()}
-        return cls(layers=layers, unquantized=unq, tied=dict(payload["tied"]), config=dict(payload["config"]))
+        return cls(layers=layers, unquantized=unq, tied=dict(payload["tied"]), config=dict(payload["config"]),
+                   transposed=set(payload.get("transposed", ())))
 
     def summary(self) -> dict[str, Any]:
         n = self.num_quantized_weights
