@@ -234,3 +234,16 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert os.path.getsize(os.path.join(out, "length.png")) > 1000
     rc = main(["length", "--model", model, "--data", data, "--max-length", "0", "--out", out])
     assert rc == 2 and "--max-length must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_help_documents_every_option(capsys):
+    from tokenbounds.cli import build_parser, main
+
+    with pytest.raises(SystemExit):
+        main(["length", "--help"])
+    out = capsys.readouterr().out
+    assert "delta / B" in out and "--max-length" in out and "learned absolute positions" in out
+    sub = build_parser()._subparsers._group_actions[0].choices["length"]
+    for action in sub._actions:
+        if action.dest != "help":
+            assert action.help, f"option {action.option_strings} has no help"

@@ -186,6 +186,7 @@ def bucket_bounds(state: BucketedState, coded_bits: float, *, delta: float = 0.0
         rec.update({
             "mean_nll_bits": float(st.mean_nll_bits), "best_alpha": table.best.get("alpha"),
             "bound_bits": float(table.best["bound_bits"]), "bound_label": table.best["label"],
+            "valid": bool(table.best["valid"]),
             "candidates": len(table.best["among"]),
             "vacuous": bool(table.best["result"].vacuous),
             "token_bound_bits": float(tok.bound_bits), "freedman_bound_bits": float(fre.bound_bits),
@@ -383,6 +384,8 @@ def measure_length(opts: LengthOptions, *, log=print) -> dict[str, Any]:
         "position_encoding": getattr(getattr(lm.model, "config", None), "position_encoding", None)
         if lm.kind == "tokenbounds-gpt" else None,
         "training_context": train_context, "trained_positions": trained_positions,
+        "training_context_source": "GPTConfig.context_length (the training length)" if lm.kind == "tokenbounds-gpt"
+        else "the model config's max positions (the training length of an HF model is not recorded)",
         "longest_input": limit, "max_length": L, "m": int(plan.m), "vocab_size": vocab,
         "rule": rule.to_dict(), "prefix_source": prefix_source,
         "delta": float(opts.delta), "buckets_paid": len(records),
