@@ -76,7 +76,8 @@ def _summary(doc: dict) -> str:
         if r.get("bound_bits") is None:
             lines.append(f"{lo:>6}-{hi:<6} {r['m']:>10,} {'-':>8} {'-':>8}  {where}")
             continue
-        lines.append(f"{lo:>6}-{hi:<6} {r['m']:>10,} {r['mean_nll_bits']:>8.4f} {r['bound_bits']:>8.4f}  {where}")
+        flags = " ".join(x for x in (where, "vacuous" if r["vacuous"] else "") if x)
+        lines.append(f"{lo:>6}-{hi:<6} {r['m']:>10,} {r['mean_nll_bits']:>8.4f} {r['bound_bits']:>8.4f}  {flags}")
     return "\n".join(lines)
 
 

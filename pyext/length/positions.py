@@ -421,13 +421,24 @@ def plot_length(doc: dict[str, Any], path: str) -> str:
     ax.plot(pos, [np.nan if v is None else v for v in per], lw=0.8, alpha=0.6, color="tab:blue",
             label="loss by position (unsmoothed)")
     recs = [r for r in doc["buckets"] if r.get("bound_bits") is not None]
+    log2v = math.log2(doc["vocab_size"])
+    # bounds far above log2 V would flatten the losses: the axis stops at 1.5 x the largest loss or
+    # log2 V, and bounds above it are drawn at the top as triangles
+    top = 1.5 * max([log2v] + [v for v in per if v is not None] + [r["mean_nll_bits"] for r in recs])
+    clipped = False
     for i, r in enumerate(recs):
         lo, hi = r["positions"]
         x = [lo, hi + 1]
         ax.plot(x, [r["mean_nll_bits"]] * 2, color="tab:blue", lw=2, label="bucket mean loss" if i == 0 else None)
-        ax.plot(x, [r["bound_bits"]] * 2, color="tab:red", lw=2,
-                label=f"bucket bound (delta/{doc['buckets_paid']} each)" if i == 0 else None)
-    ax.axhline(math.log2(doc["vocab_size"]), color="gray", ls="--", lw=1, label="log2 V (vacuous)")
+        if r["bound_bits"] <= top:
+            ax.plot(x, [r["bound_bits"]] * 2, color="tab:red", lw=2,
+                    label=f"bucket bound (delta/{doc['buckets_paid']} each)" if i == 0 else None)
+        else:
+            ax.plot([math.sqrt(lo * (hi + 1))], [top * 0.97], marker="^", color="tab:red", ls="none",
+                    label=None if clipped else "bound above the axis")
+            clipped = True
+    ax.axhline(log2v, color="gray", ls="--", lw=1, label="log2 V (vacuous)")
+    ax.set_ylim(0, top)
     t = doc.get("trained_positions")
     if t and t < doc["max_length"]:
         ax.axvline(t + 0.5, color="black", ls=":", lw=1.2, label=f"training context (T = {doc['training_context']})")
