@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (auto when there is one)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="cast the model before evaluating (that model is then what the bound is about)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where to run the model (default: CUDA when available)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice, or 1 when the machine is busy)")
     p.add_argument("--restart", action="store_true", help="discard an existing checkpoint in --out")
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, data=list(args.data), max_length=args.max_length, out=args.out, buckets=args.buckets,
         delta=args.delta, prefix_token=str(args.prefix_token), batch_size=args.batch_size,
         checkpoint_every=args.checkpoint_every, eot_id=args.eot_id, token_dtype=args.token_dtype,
-        text_field=args.text_field, tokenizer=args.tokenizer, gguf_file=args.gguf_file, dtype=args.dtype,
+        text_field=args.text_field, tokenizer=args.tokenizer, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device,
         bits=args.bits, coded_bits=args.coded_bits, bits_per_param=args.bits_per_param,
         tokenizer_bits=args.tokenizer_bits, extra_bits=args.extra_bits, threads=args.threads,
         restart=args.restart, progress=not args.no_progress, plots=not args.no_plots,

@@ -215,6 +215,7 @@ class LengthOptions:
     tokenizer: str | None = None
     gguf_file: str | None = None
     dtype: str = "float32"
+    device: str = "auto"
     bits: int | None = None
     coded_bits: float | None = None
     bits_per_param: float | None = None
@@ -265,7 +266,7 @@ def _eval_options(opts: LengthOptions):
     return EvalOptions(model=opts.model, data=list(opts.data), out=opts.out, window=int(opts.max_length),
                        stride=int(opts.max_length), full_pass=True, prefix_token=str(opts.prefix_token),
                        batch_size=opts.batch_size, checkpoint_every=opts.checkpoint_every, eot_id=opts.eot_id,
-                       token_dtype=opts.token_dtype, text_field=opts.text_field, dtype=opts.dtype, device="cpu",
+                       token_dtype=opts.token_dtype, text_field=opts.text_field, dtype=opts.dtype, device=opts.device,
                        alphas=tuple(opts.alphas), bits=opts.bits, coded_bits=opts.coded_bits,
                        bits_per_param=opts.bits_per_param, tokenizer_bits=opts.tokenizer_bits,
                        extra_bits=opts.extra_bits, delta=opts.delta, gguf_file=opts.gguf_file,
@@ -294,7 +295,10 @@ def measure_length(opts: LengthOptions, *, log=print) -> dict[str, Any]:
     os.makedirs(opts.out, exist_ok=True)
     threads = choose_threads(opts.threads)
     torch.set_num_threads(threads)
-    lm, quant_size = E._load_model(eopts, torch.device("cpu"))
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available")
+    device = torch.device("cuda" if opts.device != "cpu" and torch.cuda.is_available() else "cpu")
+    lm, quant_size = E._load_model(eopts, device)
     head = FusedHead(lm.model)
     vocab = head.vocab_size
     train_context = lm.context_length
@@ -335,7 +339,7 @@ def measure_length(opts: LengthOptions, *, log=print) -> dict[str, Any]:
     if opts.restart and store.discard():
         log(f"--restart: discarded the checkpoint in {store.directory}")
     store.open(create=True)
-    scorer = Scorer(head, streams, units, rule, opts.alphas, device="cpu", track_units=False)
+    scorer = Scorer(head, streams, units, rule, opts.alphas, device=device, track_units=False)
     slices = batch_slices(plan.units.size, batch_size)
     every = int(opts.checkpoint_every)
     n_blocks = math.ceil(len(slices) / every)
@@ -395,7 +399,7 @@ def measure_length(opts: LengthOptions, *, log=print) -> dict[str, Any]:
         "extra_bits": float(opts.extra_bits), "buckets": records, "populations": pb.counts.tolist(),
         "per_position": {"count": total.pos_count.tolist(),
                          "mean_nll_bits": [None if not math.isfinite(v) else float(v) for v in per_pos]},
-        "run": {"threads": threads, "batch_size": batch_size, "blocks": n_blocks, "tokens_scored_this_run": scored,
+        "run": {"device": str(device), "threads": threads, "batch_size": batch_size, "blocks": n_blocks, "tokens_scored_this_run": scored,
                 "seconds_scoring": round(elapsed, 3), "seconds_total": round(time.perf_counter() - t_start, 3),
                 "load_average": [round(x, 2) for x in os.getloadavg()], "config_sha256": config_hash(config)},
         "files": {"json": "length.json"},
