@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "evaluate": "Evaluate a local model on sampled training tokens: stats, every bound, report, plots.",
     "plan": "Estimate time, memory and GPUs for an evaluation from a roofline model.",
     "prequential": "Prequential code length and excess description length (EDL) of one training pass; JSON + PNG.",
+    "length": "Loss and bound per position bucket, inside and beyond the training context; JSON + a PNG.",
     "quantize": "Quantize a local model (QuIP-style) into a .tbq file whose size in bits is the complexity C.",
 }
 

@@ -5,7 +5,7 @@ script produced:
 
 is replaced by benchmarks/results/losses.md (and `results:demo` by the summary table of
 runs/demo/report.md). Run after `make bench` / `make demo`:
-    python scripts/update_readme.py
+    python scripts/update_readme.py [NAME ...]   (only those sections; default: every one)
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def main() -> int:
+def main(names: list[str] | None = None) -> int:
+    names = sys.argv[1:] if names is None else names
     path = os.path.join(ROOT, "README.md")
     with open(path) as f:
         text = f.read()
@@ -25,6 +26,8 @@ def main() -> int:
 
     def fill(match: re.Match) -> str:
         name = match.group(1)
+        if names and name not in names:
+            return match.group(0)
         result = os.path.join(ROOT, "benchmarks", "results", f"{name}.md")
         if name == "demo":
             result = os.path.join(ROOT, "runs", "demo", "report.md")
