@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "plan": "Estimate time, memory and GPUs for an evaluation from a roofline model.",
     "prequential": "Prequential code length and excess description length (EDL) of one training pass; JSON + PNG.",
     "quantize": "Quantize a local model (QuIP-style) into a .tbq file whose size in bits is the complexity C.",
+    "scaling": "Compute-optimal scaling study: >= 5 GPTs at D = 20 N, each bounded over its own D tokens; bound vs N.",
 }
 
 
