@@ -36,6 +36,7 @@ FITTED = (
     ("quantization_gap_bits", "quantization gap"),
     ("gap_bits", "bound - loss (all gap terms)"),
     ("parameters_per_token_bits", "parameters per token (bits)"),
+    ("bits_per_parameter", "coded bits per parameter"),
 )
 
 
@@ -52,6 +53,8 @@ def load_models(out_dir: str, cfg=None) -> list[dict[str, Any]]:
 
 
 def _series(models: list[dict[str, Any]], key: str) -> np.ndarray:
+    if key == "bits_per_parameter":
+        return np.array([float(m["quantization"]["bits_per_parameter"]) for m in models])
     if key == "gap_bits":
         return np.array([m["decomposition"]["bound_bits"] - m["decomposition"]["unquantized_bits"] for m in models])
     return np.array([float(m["decomposition"][key]) for m in models])
@@ -250,6 +253,14 @@ def format_markdown(result: dict[str, Any], figure: str | None = None) -> str:
         out.append(f"| {m['name']} | {s['train']:.0f} / {s['train_cpu']:.0f} | {s['quantize_select']:.0f} / "
                    f"{s['quantize_select_cpu']:.0f} | {s['evaluate']:.0f} / {s['evaluate_cpu']:.0f} | "
                    f"{m['training']['flops_6ND']:.3g} |")
+    tot = {k: sum(m["compute_seconds"][k] for m in models) for k in models[0]["compute_seconds"]}
+    out.append(f"| all | {tot['train']:.0f} / {tot['train_cpu']:.0f} | {tot['quantize_select']:.0f} / "
+               f"{tot['quantize_select_cpu']:.0f} | {tot['evaluate']:.0f} / {tot['evaluate_cpu']:.0f} | "
+               f"{sum(m['training']['flops_6ND'] for m in models):.3g} |")
+    out.append("")
+    out.append(f"Sum over the sizes: {sum(tot[k] for k in ('train', 'quantize_select', 'evaluate')) / 60:.1f} min "
+               f"wall, {sum(tot[k] for k in ('train_cpu', 'quantize_select_cpu', 'evaluate_cpu')) / 60:.1f} min CPU "
+               "(sizes may have run in parallel processes; CPU well below wall means a loaded machine).")
     out.append("")
     out.append("## Recompute any size's bound")
     out.append("")
@@ -281,7 +292,7 @@ def plot_study(models: list[dict[str, Any]], path: str) -> str | None:
     a.plot(n, [m["losses"]["quantized_nll_bits"] for m in models], "v:", color="C2", label="loss, quantized")
     a.axhline(dec[0]["uniform_bits"], color="grey", lw=0.8, ls=":", label="uniform log2 V")
     a.set_xscale("log")
-    a.set_xlabel("parameters N (D = 20 N)")
+    a.set_xlabel("parameters N (fixed D / N)")
     a.set_ylabel("bits per token")
     a.set_title("bound and loss vs N")
     a.legend(fontsize=8)

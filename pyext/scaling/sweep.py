@@ -246,12 +246,14 @@ def run_model(size: ModelSize, cfg: ScalingConfig, corpus, cache_dir: str, *, pr
             f"of {steps:,} steps x {cfg.batch_size * cfg.context_length} tokens = D = {d_tokens:,} tokens")
         torch.manual_seed(cfg.seed)
         model = GPT(mcfg)
-        c0 = time.process_time()
+        c0, w0 = time.process_time(), time.perf_counter()
         res = train(model, data.tokens, tcfg, checkpoint_path=os.path.join(mdir, "checkpoint.pt"),
                     progress=progress, meta={"key": json.dumps(model_key, sort_keys=True)}, log=log,
                     batch_fn=lambda step: sequential_batch(data.tokens, cfg.batch_size, cfg.context_length, step))
         model.save(os.path.join(mdir, "model"))
-        train_info = {**res.to_dict(), "cpu_seconds": time.process_time() - c0}
+        # wall and CPU over the same span (train_seconds excludes the setup and checkpoints)
+        train_info = {**res.to_dict(), "cpu_seconds": time.process_time() - c0,
+                      "wall_seconds": time.perf_counter() - w0}
         atomic_write_json(done, train_info)
     tok_path = os.path.join(mdir, "model", "tokenizer.json")
     if not os.path.exists(tok_path):
@@ -380,7 +382,7 @@ def run_model(size: ModelSize, cfg: ScalingConfig, corpus, cache_dir: str, *, pr
         "stats_path": stats_path,
         "unquantized_stats_path": fp_path,
         "compute_seconds": {
-            "train": float(train_info["train_seconds"]),
+            "train": float(train_info.get("wall_seconds", train_info["train_seconds"])),
             "train_cpu": float(train_info.get("cpu_seconds") or float("nan")),
             "quantize_select": float(sum(r.get("seconds", 0.0) for r in cands)),
             "quantize_select_cpu": float(sum(r.get("cpu_seconds", 0.0) for r in cands)),
