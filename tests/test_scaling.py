@@ -193,3 +193,16 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
 def test_plan_counts_the_compute_optimal_budget():
     for r in sweep_plan(TINY_SCALING_CONFIG):
         assert r["flops_train"] == pytest.approx(6 * r["parameters"] * r["tokens"])
+
+
+def test_passes_split_over_two_runs(tiny_sweep, tmp_path):
+    root, _ = tiny_sweep
+    cfg = dataclasses.replace(TINY_SCALING_CONFIG, sizes=TINY_SCALING_CONFIG.sizes[:1])
+    quiet = dict(progress=False, log=lambda s: None)
+    first = run_sweep(cfg, str(tmp_path / "c"), str(tmp_path / "o"), passes=("fp",), **quiet)
+    assert first["models"] == []  # the quantized pass is left to another process
+    second = run_sweep(cfg, str(tmp_path / "c"), str(tmp_path / "o"), passes=("q",), **quiet)
+    whole = read_json(str(root / "out" / "models" / "A.json"))
+    assert second["models"][0]["decomposition"] == pytest.approx(whole["decomposition"], rel=1e-9)
+    with pytest.raises(ValueError, match="passes"):
+        run_sweep(cfg, str(tmp_path / "c"), str(tmp_path / "o"), passes=("bogus",), **quiet)

@@ -34,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "size with a JSON in OUT/models")
     p.add_argument("--sizes", type=int, default=None, metavar="K",
                    help="run only the K smallest sizes of the sweep")
+    p.add_argument("--passes", default="q,fp", metavar="LIST",
+                   help="which full passes this process computes: q (the quantized model), fp (the unquantized "
+                        "one); run `--only X --passes fp` next to a process doing X's quantized pass to split "
+                        "the two passes over two processes (each reads the other's cached result)")
     p.add_argument("--plan", action="store_true",
                    help="print each size's N, D, steps and FLOPs (6ND training + full passes) and exit")
     p.add_argument("--report-only", action="store_true",
@@ -105,7 +109,8 @@ def _run(args: argparse.Namespace) -> int:
               f"thread(s), load {load[0]:.2f}")
         cpu0 = time.process_time()
         try:
-            result = run_sweep(cfg, args.cache_dir, args.out, progress=not args.no_progress, only=only)
+            result = run_sweep(cfg, args.cache_dir, args.out, progress=not args.no_progress, only=only,
+                               passes=tuple(x.strip() for x in args.passes.split(",") if x.strip()))
         except CorpusUnavailable as e:
             print(f"error: {e}")
             return 1

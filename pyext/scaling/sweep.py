@@ -190,10 +190,16 @@ def _model_data(corpus_tokens, d_tokens: int, cfg: ScalingConfig, eot_id: int) -
     return _Data(prefix, streams, rule, units, full, select, m=streams.num_points)
 
 
+PASSES = ("q", "fp")
+"""The two full passes of a model: the chosen quantized model ("q") and the unquantized one ("fp")."""
+
+
 def run_model(size: ModelSize, cfg: ScalingConfig, corpus, cache_dir: str, *, progress: bool = True,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              passes: tuple[str, ...] = PASSES, log: Callable[[str], None] = print) -> dict[str, Any] | None:
     """Train, quantize (best of the paid grid), score and bound one size (cached; see the
-    module docstring). Returns the model's JSON-able record."""
+    module docstring). Returns the model's JSON-able record, or None when ``passes`` leaves out a
+    full pass that is not cached yet (``passes=("fp",)`` in a second process computes the
+    unquantized pass while the first computes the quantized one; each reads the other's file)."""
     import torch
 
     from ..bounds import from_stats, training_flops
@@ -327,10 +333,14 @@ def run_model(size: ModelSize, cfg: ScalingConfig, corpus, cache_dir: str, *, pr
     times_path = os.path.join(edir, "eval-seconds.json")
     eval_seconds = read_json(times_path) if os.path.exists(times_path) else {}
     states: dict[str, Any] = {}
-    for k in ("q", "fp"):
+    for k in (*passes, *(p for p in PASSES if p not in passes)):
         if os.path.exists(paths[k]):
             states[k] = EvalState.from_state_dict(read_json(paths[k]))
             continue
+        if k not in passes:
+            log(f"[{size.name}] the {'quantized' if k == 'q' else 'unquantized'} full pass is not cached yet and "
+                f"not among passes={passes}; leaving this size to the process that computes it")
+            return None
         te, ce = time.perf_counter(), time.process_time()
         if k == "q":
             net = torch.load(os.path.join(qdir, f"{tag}.pt"), weights_only=False).dequantized_model(model)
@@ -434,7 +444,8 @@ def bound_command(record: dict[str, Any], stats_file: str, delta: float) -> list
 
 
 def run_sweep(cfg: ScalingConfig, cache_dir: str, out_dir: str, *, progress: bool = True,
-              only: tuple[str, ...] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+              only: tuple[str, ...] | None = None, passes: tuple[str, ...] = PASSES,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build the corpus, then run every size (or those named in ``only``), smallest first, writing
     ``out_dir/models/<name>.json`` (+ ``stats/<name>.json``, ``stats/<name>-unquantized.json``) as
     each finishes; returns ``{"config", "corpus", "models": [...]}`` of the sizes that finished."""
@@ -444,6 +455,8 @@ def run_sweep(cfg: ScalingConfig, cache_dir: str, out_dir: str, *, progress: boo
         raise ValueError("the sweep has no model sizes")
     if not cfg.grid:
         raise ValueError("the quantization grid is empty")
+    if not passes or any(p not in PASSES for p in passes):
+        raise ValueError(f"passes must name some of {PASSES}, got {passes}")
     names = [s.name for s in cfg.sizes]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be distinct, got {names}")
@@ -464,7 +477,9 @@ def run_sweep(cfg: ScalingConfig, cache_dir: str, out_dir: str, *, progress: boo
     os.makedirs(os.path.join(out_dir, "stats"), exist_ok=True)
     models = []
     for size in sizes:
-        rec = run_model(size, cfg, corpus, cache_dir, progress=progress, log=log)
+        rec = run_model(size, cfg, corpus, cache_dir, progress=progress, passes=passes, log=log)
+        if rec is None:
+            continue
         for key, src, suffix in (("stats_file", "stats_path", ""),
                                  ("stats_unquantized_file", "unquantized_stats_path", "-unquantized")):
             dst = os.path.join(out_dir, "stats", f"{size.name}{suffix}.json")
