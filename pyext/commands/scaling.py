@@ -119,6 +119,13 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         result["run"] = {"wall_seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
                          "threads": threads, "load_start": list(load), "load_end": list(os.getloadavg())}
+    if "corpus" not in result:  # --report-only: describe the corpus the sizes were built on, if cached
+        from ..scaling.corpus import build_scaling_corpus
+
+        corpus = build_scaling_corpus(args.cache_dir, cfg.sources, cfg.vocab_size, chunk_chars=cfg.chunk_chars,
+                                      shuffle_seed=cfg.shuffle_seed, cached_only=True, log=lambda s: None)
+        if corpus is not None:
+            result["corpus"] = corpus.to_dict()
     models = load_models(args.out, cfg)
     if not models:
         print(f"error: no finished model in {args.out}/models; run without --report-only first")

@@ -109,13 +109,15 @@ def _documents(sources: Sequence[str], download_dir: str) -> dict[str, list[str]
 
 def build_scaling_corpus(cache_dir: str, sources: Sequence[str] = SCALING_SOURCES, vocab_size: int = 512, *,
                          chunk_chars: int = CHUNK_CHARS, shuffle_seed: int = 0,
-                         tokenizer_max_bytes: int = TOKENIZER_MAX_BYTES, log=print) -> ScalingCorpus:
+                         tokenizer_max_bytes: int = TOKENIZER_MAX_BYTES, cached_only: bool = False,
+                         log=print) -> ScalingCorpus | None:
     """Build (or reuse from ``cache_dir/corpora``) the shuffled-chunk token file of ``sources``.
 
     Reproducible: the chunks of all sources (in source order, then document order) are permuted
     by ``numpy.random.default_rng(shuffle_seed)``; the tokenizer is trained on every k-th chunk
     of that order (:func:`~tokenbounds.eval.data.tokenizer_training_documents`); ``meta.json`` is
-    written last, so a killed build is redone, never half-read."""
+    written last, so a killed build is redone, never half-read. ``cached_only``: return None
+    instead of building."""
     sources = list(sources)
     if not sources:
         raise ValueError("sources must name at least one corpus")
@@ -133,6 +135,8 @@ def build_scaling_corpus(cache_dir: str, sources: Sequence[str] = SCALING_SOURCE
         if os.path.getsize(corpus.tokens_path) == corpus.n_tokens * np.dtype(corpus.dtype).itemsize:
             return corpus
         log(f"cached corpus in {directory} is incomplete; rebuilding")
+    if cached_only:  # the caller only wants a description of a corpus built before
+        return None
     t0 = time.perf_counter()
     by_source = _documents(sources, os.path.join(cache_dir, "downloads"))
     chunks = [c for s in sources for d in by_source[s] for c in chunk_document(d, chunk_chars)]

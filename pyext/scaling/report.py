@@ -213,6 +213,12 @@ def readme_section(result: dict[str, Any], out_dir: str = "runs/scaling", figure
     lines += [f"* {ln}" for ln in verdict(models, mono, ext)]
     lines.append("")
     lines += fits_table(fits)
+    secs = [m["compute_seconds"] for m in models]
+    wall = sum(c["train"] + c["quantize_select"] + c["evaluate"] for c in secs)
+    cpu = sum(c["train_cpu"] + c["quantize_select_cpu"] + c["evaluate_cpu"] for c in secs)
+    lines.append("")
+    lines.append(f"Compute of the {len(models)} sizes (summed over sizes, when each step ran): {wall / 60:.1f} min wall, "
+                 f"{cpu / 60:.1f} min CPU; training {sum(m['training']['flops_6ND'] for m in models):.3g} FLOPs (6ND).")
     run = result.get("run")
     if run:
         lines.append("")
