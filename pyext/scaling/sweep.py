@@ -349,6 +349,8 @@ def run_model(size: ModelSize, cfg: ScalingConfig, corpus, cache_dir: str, *, pr
         desc = f"[{size.name}] full pass, {'quantized' if k == 'q' else 'unquantized'}"
         states[k] = _score(net, data.streams, data.units, data.rule, data.full, cfg, progress=progress, desc=desc)
         atomic_write_json(paths[k], states[k].state_dict())
+        if os.path.exists(times_path):  # another process may have timed the other pass meanwhile (--passes)
+            eval_seconds = {**read_json(times_path), **{x: v for x, v in eval_seconds.items() if x.startswith(k)}}
         eval_seconds[k] = time.perf_counter() - te
         eval_seconds[k + "_cpu"] = time.process_time() - ce
         atomic_write_json(times_path, eval_seconds)
