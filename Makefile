@@ -9,7 +9,7 @@ CUDA_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=
 CSRC := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/include/tokenbounds/*.h)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: all venv build test test-all demo bench peers check-cuda check-cuda-build lint clean
+.PHONY: all venv build test test-all demo scaling bench peers check-cuda check-cuda-build lint clean
 
 all: test
 
@@ -38,6 +38,12 @@ test-all: build
 demo: build
 	bash scripts/get_corpus.sh
 	$(VENV)/bin/tokenbounds demo
+
+# Issue 16: >= 5 GPT sizes at D = 20 N on a ~60 MB corpus mix (cached per model; rerun continues).
+scaling: build
+	bash scripts/get_corpus.sh --scaling
+	$(VENV)/bin/tokenbounds scaling --results-md benchmarks/results/scaling.md
+	$(VPY) scripts/update_readme.py
 
 # Long tests (coverage at 10^4 simulations, training), then every benchmark script; the README
 # tables are refreshed from benchmarks/results/.

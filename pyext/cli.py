@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "prequential": "Prequential code length and excess description length (EDL) of one training pass; JSON + PNG.",
     "length": "Loss and bound per position bucket, inside and beyond the training context; JSON + a PNG.",
     "quantize": "Quantize a local model (QuIP-style) into a .tbq file whose size in bits is the complexity C.",
+    "scaling": "Compute-optimal scaling study: >= 5 GPTs at D = 20 N, each bounded over its own D tokens; bound vs N.",
 }
 
 

