@@ -36,6 +36,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -353,7 +354,11 @@ void run_fused(const Problem<T>& pb) {
   const int64_t blocks = (pb.num_rows + pb.tokens_per_block - 1) / pb.tokens_per_block;
   const int64_t items = blocks * pb.vocab_slices;
   const int64_t tokens = (pb.tokens_per_block + kNR - 1) / kNR * kNR;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  // Items are taken from a shared counter rather than split statically, so on a loaded machine a
+  // thread that is descheduled for a while does not leave the others idle at the end.
+  std::atomic<int64_t> next_item{0};
+  const int64_t workers = std::min<int64_t>(items, std::max<int64_t>(1, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     // This thread's buffers (at::empty: 64-byte aligned).
     at::Tensor hp = at::empty({tokens * std::max<int64_t>(pb.d, 1)}, at::kFloat);
     at::Tensor tiles = at::empty({tokens / kNR * kStrips * kTile}, at::kFloat);
@@ -364,7 +369,7 @@ void run_fused(const Problem<T>& pb) {
     const TokenState st{sp, sp + tokens, sp + 2 * tokens, sp + 3 * tokens,
                         reinterpret_cast<int32_t*>(sp + 4 * tokens),
                         reinterpret_cast<double*>(sp + 6 * tokens)};
-    for (int64_t item = begin; item < end; ++item)
+    for (int64_t item = next_item.fetch_add(1); item < items; item = next_item.fetch_add(1))
       run_item(pb, item / pb.vocab_slices, item % pb.vocab_slices, hp.data_ptr<float>(),
                tiles.data_ptr<float>(), wpack.data_ptr<float>(), st, zero.data_ptr<float>());
   });
