@@ -247,3 +247,19 @@ def test_help_documents_every_option(capsys):
     for action in sub._actions:
         if action.dest != "help":
             assert action.help, f"option {action.option_strings} has no help"
+
+
+def test_bits_runs_the_tbq_quantizer_and_prices_its_file(tmp_path, capsys):
+    # --bits is evaluate's --bits: the .tbq quantizer on the data, C = the written file's bits
+    from tokenbounds.cli import main
+
+    model = tiny_gpt(str(tmp_path / "m"), "rope")
+    data = token_file(str(tmp_path / "d.bin"), 600)
+    out = str(tmp_path / "out")
+    rc = main(["length", "--model", model, "--data", data, "--max-length", str(2 * T), "--out", out,
+               "--bits", "4", "--no-progress", "--no-plots", "--threads", "1"])
+    assert rc == 0, capsys.readouterr().err
+    doc = json.load(open(os.path.join(out, "length.json")))
+    assert doc["coded"]["method"].startswith("tbq 4-bit")
+    tbq = os.path.join(out, "quantized.tbq")
+    assert doc["coded"]["coded_bits"] >= 8 * os.path.getsize(tbq)

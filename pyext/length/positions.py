@@ -298,7 +298,7 @@ def measure_length(opts: LengthOptions, *, log=print) -> dict[str, Any]:
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available")
     device = torch.device("cuda" if opts.device != "cpu" and torch.cuda.is_available() else "cpu")
-    lm, quant_size = E._load_model(eopts, device)
+    lm, tbq = E._load_model(eopts)  # on the CPU; --quantized decoded into it
     head = FusedHead(lm.model)
     vocab = head.vocab_size
     train_context = lm.context_length
@@ -313,6 +313,10 @@ def measure_length(opts: LengthOptions, *, log=print) -> dict[str, Any]:
             + (", or train with position_encoding='rope', 'alibi' or 'none' to measure extrapolation"
                if lm.kind == "tokenbounds-gpt" else ""))
     files, streams, eot_id = E._load_data(eopts, lm, vocab, World())
+    if eopts.bits is not None:  # --bits: the tbq quantizer on the data's calibration windows, as evaluate does
+        tbq = E._quantize_here(eopts, lm, files, World(), threads)
+    lm.model.to(device).eval()
+    head = FusedHead(lm.model)  # again: the weights it reads are the (possibly quantized) ones on the device
     longest = int(streams.sizes.max())
     if longest < L + 1:
         raise ValueError(f"the data is shorter than the longest position: the longest file holds {longest} tokens, "
@@ -322,7 +326,7 @@ def measure_length(opts: LengthOptions, *, log=print) -> dict[str, Any]:
     rule, prefix_source = E._context_rule(eopts, lm, streams, eot_id, vocab)
     units = Units(streams, rule.stride)
     plan = plan_units(units, rule, sample_tokens=None, seed=0)
-    coded = E._coded_size(eopts, lm, quant_size)
+    coded = E._coded_size(eopts, lm, tbq)
     trained_positions = None if train_context is None else int(train_context) - pfx
     edges = bucket_edges(L, trained_positions if trained_positions and trained_positions >= 1 else None,
                          int(opts.buckets))
